@@ -1,0 +1,131 @@
+"""Loading the policy: a real model from the Hugging Face hub or a local folder, or the offline tiny model.
+
+    model, tok = load_model("Qwen/Qwen3-4B")        # hub id (needs internet the first time)
+    model, tok = load_model("runs/x/ckpt-000010")   # a local folder, e.g. one of our checkpoints
+    model, tok = load_model("tiny", seed=0)         # offline: random Qwen3-architecture model + local BPE
+
+The tiny model exists so that the demo and the tests run anywhere, with no GPU and no download: a Qwen3
+decoder (hidden 64, 2 layers, 4 heads) initialised from a seed, and a byte-level BPE tokenizer trained in
+well under a second on this repository's own text, wrapped as a `PreTrainedTokenizerFast` with the
+special tokens and a Qwen-style chat template that renders tool calls. It is the same code path as a real
+model everywhere else: rollout, log-probs, checkpoints.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+# Qwen-family special tokens. The pad token is deliberately not the eos token: code that infers padding
+# from `ids == eos` silently drops every end-of-turn token from the loss (see anchors: TRL #4974).
+PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, IM_START, IM_END, "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+                  "<think>", "</think>"]
+TINY_VOCAB = 1536
+
+# A Qwen-style chat template of our own wording. Structure (what matters for token ids) follows Qwen3:
+# tools are listed in the system turn; an assistant tool call is `<tool_call>\n{json}\n</tool_call>`;
+# consecutive tool results are rendered together inside ONE user turn, each as
+# `<tool_response>\n...\n</tool_response>`; every turn ends with `<|im_end|>\n`.
+CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nThese functions are available. Their signatures are inside <tools></tools>:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nTo call one, write a JSON object with its name and arguments between "
+    "<tool_call></tool_call> tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + (message.content or '') }}"
+    "{%- for tc in (message.tool_calls or []) %}"
+    "{%- set f = tc.function if tc.function is defined else tc %}"
+    "{%- if loop.first and not message.content %}{{- '<tool_call>\\n' }}{%- else %}{{- '\\n<tool_call>\\n' }}{%- endif %}"
+    "{{- '{\"name\": \"' + f.name + '\", \"arguments\": ' }}"
+    "{%- if f.arguments is string %}{{- f.arguments }}{%- else %}{{- f.arguments | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def tiny_corpus(max_bytes: int = 200_000) -> str:
+    """The text the tiny tokenizer is trained on: this repository's own modules, docs and task data.
+
+    Sorted and capped so the result (and so the tokenizer) is a pure function of the checkout."""
+    files = sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("*.md")) + sorted(ROOT.glob("data/*/train.jsonl"))
+    parts, size = [], 0
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="ignore")[: max_bytes // 8]
+        parts.append(text)
+        size += len(text)
+        if size >= max_bytes:
+            break
+    return "\n".join(parts)
+
+
+def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
+    """Train a byte-level BPE on `tiny_corpus()` and wrap it as a PreTrainedTokenizerFast with our template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(tiny_corpus().splitlines(), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=IM_END,
+                                      additional_special_tokens=SPECIAL_TOKENS[1:], clean_up_tokenization_spaces=False)
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
+                     tie_word_embeddings: bool = True):
+    """A randomly initialised Qwen3 decoder sized for CPU tests (about 0.2M parameters)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         head_dim=hidden // heads, max_position_embeddings=16384, tie_word_embeddings=tie_word_embeddings,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None, attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """`"tiny"` builds the offline tiny model and tokenizer; anything else is a hub id or a local folder."""
+    if name_or_path == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        return build_tiny_model(tokenizer, seed=seed).to(dtype), tokenizer
+    if not os.path.isdir(name_or_path) and "/" not in name_or_path:
+        raise ValueError(f"model {name_or_path!r} is neither 'tiny', a local folder, nor a hub id like 'Qwen/Qwen3-4B'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # The loss mask never comes from ids, but generation pads finished rows and must not emit eos as pad.
+        raise ValueError(f"{name_or_path}: the tokenizer's pad token must exist and differ from eos "
+                         f"(pad={tokenizer.pad_token!r}, eos={tokenizer.eos_token!r})")
+    return model, tokenizer

@@ -1,0 +1,48 @@
+"""The command line: defaults, --config files, --key value overrides, and errors that name the key."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_overrides_and_config_file(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"_comment": "a recipe", "lr": 2e-6, "steps": 7}))
+    cfg = train.parse_config(["--config", str(f), "--steps=9", "--seed", "4"])
+    assert (cfg.lr, cfg.steps, cfg.seed) == (2e-6, 9, 4)  # the command line wins over the file
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lr", "abc"], "--lr"),
+    (["--no_such_key", "1"], "--no_such_key"),
+    (["--steps", "2.5"], "--steps"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--steps"], "--steps"),
+    (["steps", "3"], "steps"),
+])
+def test_bad_config_names_the_key(argv, needle):
+    with pytest.raises(train.ConfigError, match=needle):
+        train.parse_config(argv)
+
+
+def test_bad_config_file_value_names_the_key(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"lr": "fast"}))
+    with pytest.raises(train.ConfigError, match="--lr"):
+        train.parse_config(["--config", str(f)])
+
+
+@pytest.mark.parametrize("argv, needle", [(["--lr", "abc"], "--lr"), (["--no_such_key", "1"], "--no_such_key")])
+def test_cli_fails_with_one_line(argv, needle, tmp_path):
+    p = subprocess.run([sys.executable, "train.py", *argv, "--out_dir", str(tmp_path / "run")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+    assert not (tmp_path / "run").exists()  # nothing is created for a bad config
