@@ -1,0 +1,362 @@
+"""The GRPO objective and the log-prob over a large vocabulary, without ever holding (tokens x vocab) logits.
+
+UserRL (arXiv 2509.19736, section 3) trains with verl's PPO-clip loss on group-normalised advantages:
+clip 0.2/0.2, dual clip 3.0, token-mean aggregation, no KL. With a Qwen vocabulary (151,936) the logits
+are the biggest tensor of the whole step (8 rollouts x 8,192 tokens: 40 GB in fp32), so:
+
+- `token_logprobs(hidden, weight, targets)`: per-token log-probs (and entropy) for rollout-time and
+  reference passes. A custom autograd function: per chunk of tokens it forms the fp32 logits, keeps only
+  the logsumexp, and the backward recomputes the chunk and applies the closed form (onehot - softmax).
+- `grpo_loss(hidden, weight, targets, old_logprobs, advantages, weights, cfg)`: the training path. Each
+  token's loss depends on its own log-prob only, so per chunk we already know the upstream gradient when
+  the chunk's softmax is in hand: the gradients for hidden and weight are formed in the forward pass, no
+  chunk is recomputed, and no tokens x vocab tile outlives its chunk. loss.backward() then only hands them
+  on (scaled by the incoming gradient) to the decoder and the lm_head / tied embedding.
+- `naive_grpo_loss`: the same loss from log_softmax + gather, the readable reference for tests and bench.
+- `loss_weights`: per-token weights w_t so that loss = sum_t w_t l_t; token-mean over the global token
+  count makes micro-batched, multi-rank gradient accumulation exact.
+
+Both chunked paths expect `hidden` to hold only the positions whose loss mask is 1: the trainer selects
+them before the vocab projection, so prompt, user and env tokens never reach the lm_head. Inputs may be
+bf16/fp16: the matmuls run in the input dtype, everything after them (softmax, loss, the weight-gradient
+sum over chunks) in fp32.
+
+    python bench/logprob.py --quick          # memory and time of the three paths against naive
+"""
+from dataclasses import dataclass
+
+import torch
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+STATS = ("clip_frac", "approx_kl", "entropy", "kl", "logprob")
+
+
+@dataclass
+class LossConfig:
+    clip_low: float = 0.2
+    """PPO clip below 1: with A < 0 the ratio stops pushing once it is under 1 - clip_low"""
+    clip_high: float = 0.2
+    """PPO clip above 1: with A > 0 the ratio stops pushing once it is over 1 + clip_high (DAPO: 0.28)"""
+    dual_clip: float = 3.0
+    """dual clip c > 1: with A < 0 the loss is capped at -A*c, so one stale token with a huge ratio cannot
+    dominate the batch (verl's default, used by the paper); 0 disables"""
+    kl_coef: float = 0.0
+    """weight of the k3 KL to the reference model; 0 as in the paper's recipe (no reference pass needed)"""
+    temperature: float = 1.0
+    """logits are divided by this before the softmax; must equal the rollout's sampling temperature so the
+    ratio compares the same distributions"""
+    chunk_mb: float = 256
+    """memory budget in MiB for one chunk's tokens x vocab fp32 tile (about 440 tokens at vocab 151,936).
+    Peak extra memory of the training path is about one tile plus the fp32 weight gradient (vocab x hidden
+    x 4 bytes, which any backward needs); 256 keeps the tile below that gradient at Qwen shapes while each
+    chunk is still a few hundred rows, large enough for the matmuls to run at full speed on CPU and GPU"""
+    agg: str = "token-mean"
+    """loss aggregation, one of AGG_MODES (see loss_weights); token-mean is the paper's"""
+    norm_len: int = 8192
+    """the constant divisor of seq-mean-token-sum-norm (Dr. GRPO): the max response length"""
+
+    def __post_init__(self):
+        if self.agg not in AGG_MODES:
+            raise ValueError(f"agg: unknown mode {self.agg!r}; known: {', '.join(AGG_MODES)}")
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            raise ValueError(f"clip_low must be in [0, 1) and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.chunk_mb <= 0 or self.norm_len <= 0:
+            raise ValueError(f"chunk_mb and norm_len must be > 0, got {self.chunk_mb}, {self.norm_len}")
+
+
+def chunk_tokens(vocab: int, chunk_mb: float) -> int:
+    """Tokens per chunk so that one tokens x vocab fp32 tile fits in chunk_mb MiB."""
+    return max(1, int(chunk_mb * 2 ** 20) // (4 * vocab))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The objective, per token (plain autograd on (N,) tensors: the readable definition both paths use)
+
+
+def policy_loss(logp, old_logprobs, advantages, cfg: LossConfig, ref_logprobs=None):
+    """Per-token loss l_t and per-token diagnostics, all shaped like logp.
+
+    PPO clip: l = max(-A r, -A clip(r, 1-clip_low, 1+clip_high)), r = exp(logp - old); dual clip caps l at
+    -A c when A < 0; plus kl_coef * k3(ref || policy), k3 = e^(ref-logp) - (ref-logp) - 1. Log-ratios are
+    clamped to +-20 so one stale token cannot overflow exp (its gradient is then 0, as for a clipped token).
+    """
+    log_ratio = (logp - old_logprobs).clamp(-20, 20)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    cut = clipped > unclipped                      # the clip, not the ratio, sets the loss: no gradient
+    if cfg.dual_clip:
+        cap = -advantages * cfg.dual_clip
+        capped = (advantages < 0) & (loss > cap)
+        loss = torch.where(capped, cap, loss)
+        cut = cut | capped
+    info = {"clipped": cut.detach(),
+            # k3 estimate of KL(old || policy) from the rollout's own samples: >= 0, low variance
+            "approx_kl": (ratio - 1 - log_ratio).detach()}
+    if ref_logprobs is not None:
+        d = (ref_logprobs - logp).clamp(-20, 20)
+        kl = d.exp() - d - 1
+        info["kl"] = kl.detach()
+        if cfg.kl_coef:
+            loss = loss + cfg.kl_coef * kl
+    elif cfg.kl_coef:
+        raise ValueError("kl_coef > 0 needs ref_logprobs (the reference model's log-probs of the same tokens)")
+    return loss, info
+
+
+def _stat_sums(logp, entropy, info) -> torch.Tensor:
+    """Sums over tokens, in STATS order (divided by the token count at the end)."""
+    zero = logp.new_zeros(())
+    return torch.stack([info["clipped"].float().sum(), info["approx_kl"].sum(), entropy.sum(),
+                        info["kl"].sum() if "kl" in info else zero, logp.detach().sum()])
+
+
+def _stats(sums: torch.Tensor, n: int) -> dict:
+    """Means over this call's tokens, as 0-dim fp32 tensors (no device sync; .item() when logging):
+    clip_frac (tokens whose gradient the clip or dual clip cut), approx_kl (k3, vs the rollout policy),
+    entropy (of the policy at `temperature`), kl (k3 vs the reference; 0 without one), logprob."""
+    means = sums / max(n, 1)
+    return {name: means[i] for i, name in enumerate(STATS)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One chunk of the vocab projection
+
+
+def _xlogx_rowsum(e: torch.Tensor, rows: int = 32) -> torch.Tensor:
+    """sum_v e log e for each row, a few rows at a time so the temporary stays rows x V."""
+    return torch.cat([torch.special.xlogy(b, b).sum(1) for b in e.split(rows)])
+
+
+def _softmax_chunk(h, weight, y, inv_t: float, entropy: bool):
+    """fp32 logits z = h W^T / T for one chunk, turned in place into e = exp(z - max z).
+
+    Returns (e, s = sum e, logsumexp z, log p(y), entropy or None). e / s is the softmax; the tile e is the
+    only tokens x vocab tensor alive, and the caller reuses it for the gradient.
+    """
+    z = torch.mm(h, weight.t())
+    if z.dtype != torch.float32:
+        z = z.float()
+    m = z.amax(1, keepdim=True)
+    z.sub_(m)
+    if inv_t != 1.0:
+        z.mul_(inv_t)                              # max(z / T) = max(z) / T, so the shift stays valid
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    e = z.exp_()
+    s = e.sum(1)
+    log_s = s.log()
+    ent = log_s - _xlogx_rowsum(e) / s if entropy else None   # H = log s - sum(e log e) / s
+    return e, s, m.squeeze(1) * inv_t + log_s, z_y - log_s, ent
+
+
+def _project_back(dz, h, weight, dh_out, dw):
+    """dz = dLoss/dlogits (fp32 tile): dh_out = dz W (written in place) and dw += dz^T h in fp32."""
+    if dh_out is not None:
+        torch.mm(dz if weight.dtype == torch.float32 else dz.to(weight.dtype), weight, out=dh_out)
+    if dw is not None:
+        # bf16/fp16 inputs: this product is summed over every chunk, so it runs in fp32 (TF32 on a GPU
+        # when torch.backends.cuda.matmul.allow_tf32 is set) rather than rounding each chunk to bf16
+        dw.addmm_(dz.t(), h if h.dtype == torch.float32 else h.float())
+
+
+def _check_inputs(hidden, weight, targets, temperature, *per_token):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    n = hidden.shape[0]
+    for name, t in (("targets", targets),) + per_token:
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must have shape ({n},), one value per hidden row; got {tuple(t.shape)}")
+    if n and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"targets must be token ids in [0, {weight.shape[0]}), got [{int(targets.min())}, {int(targets.max())}]")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Path 1: token_logprobs (forward keeps the logsumexp; backward recomputes each chunk)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_t, chunk, want_entropy):
+        n = hidden.shape[0]
+        logp = hidden.new_empty(n, dtype=torch.float32)
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if want_entropy else None
+        for a in range(0, n, chunk):
+            _, _, lse[a:a + chunk], logp[a:a + chunk], ent_c = _softmax_chunk(
+                hidden[a:a + chunk], weight, targets[a:a + chunk], inv_t, want_entropy)
+            if want_entropy:
+                ent[a:a + chunk] = ent_c
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.inv_t, ctx.chunk = inv_t, chunk
+        ctx.set_materialize_grads(False)
+        return (logp, ent) if want_entropy else logp
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent=None):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        inv_t, chunk = ctx.inv_t, ctx.chunk
+        dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        for a in range(0, hidden.shape[0], chunk):
+            h, y = hidden[a:a + chunk], targets[a:a + chunk]
+            z = torch.mm(h, weight.t())
+            if z.dtype != torch.float32:
+                z = z.float()
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            p = z.sub_(lse[a:a + chunk, None]).exp_()
+            gl = g_logp[a:a + chunk] * inv_t           # d z / d logits = 1 / T, folded into the coefficients
+            # d log p(y) / dz = onehot(y) - p;  d H / dz = -p (log p + H)
+            if g_ent is not None:
+                ge = g_ent[a:a + chunk] * inv_t
+                p_log_p = torch.special.xlogy(p, p)    # a second tile, only when the entropy has a gradient
+                p.mul_(-(gl + ge * ent[a:a + chunk])[:, None]).sub_(p_log_p.mul_(ge[:, None]))
+                del p_log_p
+            else:
+                p.mul_(-gl[:, None])
+            p.scatter_add_(1, y[:, None], gl[:, None])
+            _project_back(p, h, weight, None if dh is None else dh[a:a + chunk], dw)
+        return dh, None if dw is None else dw.to(weight.dtype), None, None, None, None
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, return_entropy=False):
+    """log p(targets | hidden) under softmax(hidden W^T / T), shaped like targets, in fp32.
+
+    hidden (..., H) and targets (...): pass only the positions you need (the loss-mask positions).
+    With return_entropy, also the per-token entropy from the same pass: (logp, entropy).
+    chunk_size tokens are projected at a time (pick it with chunk_tokens(vocab, budget_mb)).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1).long()
+    _check_inputs(h, weight, y, temperature)
+    out = _TokenLogprobs.apply(h, weight, y, 1.0 / temperature, int(chunk_size), bool(return_entropy))
+    if return_entropy:
+        return out[0].view(targets.shape), out[1].view(targets.shape)
+    return out.view(targets.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Path 2: the fused training loss (gradients formed in the forward, one pass over the vocab per chunk)
+
+
+class _FusedGRPO(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old, adv, weights, ref, cfg, need_dh, need_dw):
+        n = hidden.shape[0]
+        chunk = chunk_tokens(weight.shape[0], cfg.chunk_mb)
+        inv_t = 1.0 / cfg.temperature
+        dh = torch.empty_like(hidden) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        sums = hidden.new_zeros(len(STATS), dtype=torch.float32)
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            h, y = hidden[a:b], targets[a:b]
+            e, s, _, logp, ent = _softmax_chunk(h, weight, y, inv_t, entropy=True)
+            # the per-token upstream gradient g = w * dl/dlogp, by autograd on (chunk,) vectors only
+            with torch.enable_grad():
+                lp = logp.requires_grad_()
+                l_tok, info = policy_loss(lp, old[a:b], adv[a:b], cfg, None if ref is None else ref[a:b])
+                chunk_loss = (weights[a:b] * l_tok).sum()
+                (g,) = torch.autograd.grad(chunk_loss, lp)
+            loss += chunk_loss.detach()
+            sums += _stat_sums(logp.detach(), ent, info)
+            if need_dh or need_dw:
+                # dLoss/dz = (g / T) (onehot(y) - e / s), written over the tile e
+                g = g * inv_t
+                e.mul_((-g / s)[:, None]).scatter_add_(1, y[:, None], g[:, None])
+                _project_back(e, h, weight, None if dh is None else dh[a:b], dw)
+            del e
+        ctx.grads = (dh, None if dw is None else dw.to(weight.dtype))
+        ctx.mark_non_differentiable(sums)
+        return loss, sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_sums):
+        dh, dw = ctx.grads
+        del ctx.grads
+        for t in (dh, dw):
+            if t is not None:
+                t.mul_(grad_loss)                  # in place: these buffers are ours, no second copy
+        return dh, dw, None, None, None, None, None, None, None, None
+
+
+def grpo_loss(hidden, weight, targets, old_logprobs, advantages, weights, cfg: LossConfig, ref_logprobs=None):
+    """The training path: sum_t weights_t * l_t (l_t from policy_loss) and the stats of _stats.
+
+    hidden (N, H): decoder outputs at the loss-mask positions only; weight (V, H): the lm_head (or tied
+    embedding) matrix; targets, old_logprobs, advantages, weights, ref_logprobs: (N,). Gradients reach
+    hidden and weight through ordinary autograd from the returned loss.
+    """
+    _check_inputs(hidden, weight, targets, cfg.temperature, ("old_logprobs", old_logprobs),
+                  ("advantages", advantages), ("weights", weights), ("ref_logprobs", ref_logprobs))
+    if cfg.kl_coef and ref_logprobs is None:   # policy_loss says the same, but only once a chunk has run
+        raise ValueError("kl_coef > 0 needs ref_logprobs (the reference model's log-probs of the same tokens)")
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    grad = torch.is_grad_enabled()
+    loss, sums = _FusedGRPO.apply(
+        hidden, weight, targets.long(), old_logprobs.to(**f32), advantages.to(**f32), weights.to(**f32),
+        None if ref_logprobs is None else ref_logprobs.to(**f32), cfg,
+        grad and hidden.requires_grad, grad and weight.requires_grad)
+    return loss, _stats(sums, hidden.shape[0])
+
+
+def naive_grpo_loss(hidden, weight, targets, old_logprobs, advantages, weights, cfg: LossConfig, ref_logprobs=None):
+    """The same loss and stats the plain way: full logits, log_softmax, gather, autograd does the rest."""
+    _check_inputs(hidden, weight, targets, cfg.temperature, ("old_logprobs", old_logprobs),
+                  ("advantages", advantages), ("weights", weights), ("ref_logprobs", ref_logprobs))
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    logp_all = torch.log_softmax((hidden @ weight.t()).float() / cfg.temperature, dim=-1)
+    logp = logp_all.gather(1, targets.long()[:, None]).squeeze(1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(1)
+    l_tok, info = policy_loss(logp, old_logprobs.to(**f32), advantages.to(**f32), cfg,
+                              None if ref_logprobs is None else ref_logprobs.to(**f32))
+    loss = (weights.to(**f32) * l_tok).sum()
+    return loss, _stats(_stat_sums(logp, entropy, info), hidden.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def loss_weights(seq_lens: list[int], mode: str, n_tokens: int, n_seqs: int, norm_len: int) -> torch.Tensor:
+    """Per-token weights (fp32, CPU) for the sequences of one micro-batch, so that loss = sum_t w_t l_t.
+
+    n_tokens and n_seqs are the GLOBAL counts over every rank and micro-batch of the optimizer step, so the
+    summed gradients of all micro-batches equal the gradient of one big batch:
+      token-mean               1 / n_tokens                 every token counts the same (the paper's)
+      seq-mean-token-mean      1 / (n_seqs * len(seq))      every sequence counts the same
+      seq-mean-token-sum-norm  1 / (n_seqs * norm_len)      Dr. GRPO: no length normalisation per sequence
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {mode!r}; known: {', '.join(AGG_MODES)}")
+    if any(n < 0 for n in seq_lens):
+        raise ValueError(f"sequence lengths must be >= 0, got {seq_lens}")
+    if mode == "token-mean" and n_tokens < sum(seq_lens):
+        raise ValueError(f"n_tokens ({n_tokens}) must count at least this micro-batch's {sum(seq_lens)} tokens")
+    if mode != "token-mean" and n_seqs < max(len(seq_lens), 1):
+        raise ValueError(f"n_seqs ({n_seqs}) must count at least this micro-batch's {len(seq_lens)} sequences")
+    if mode == "seq-mean-token-sum-norm" and norm_len <= 0:
+        raise ValueError(f"norm_len must be > 0, got {norm_len}")
+    lens = torch.tensor(seq_lens, dtype=torch.long)
+    if mode == "token-mean":
+        per_seq = torch.full((len(seq_lens),), 1.0 / max(n_tokens, 1), dtype=torch.float64)
+    elif mode == "seq-mean-token-mean":
+        per_seq = 1.0 / (n_seqs * lens.clamp(min=1).double())
+    else:
+        per_seq = torch.full((len(seq_lens),), 1.0 / (n_seqs * norm_len), dtype=torch.float64)
+    return per_seq.repeat_interleave(lens).float()
