@@ -1,0 +1,326 @@
+"""rollout.py: cache-kept multi-turn generation equals one plain forward, masks, template ids, failures, order."""
+import copy
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+import envs
+import rollout
+import users
+
+
+class ToyEnv(envs.Env):
+    """A gym of test tasks: the opening is the task's question, each turn's observation grows with the turn and
+    with `k`, rewards are 0.5 x turn, done after `turns` turns; `fail_at` makes the user fail at that turn
+    (0: on reset). Every text the agent sends is kept in `seen`."""
+
+    name = "toy"
+    system_prompt = "Help the user. You have {max_turns} turns."
+
+    def opening(self):
+        self.seen = []
+        if self.task.get("fail_at") == 0:
+            raise users.UserError("the user endpoint is down")
+        return self.task["question"]
+
+    def step(self, text):
+        self.turn += 1
+        self.seen.append(text)
+        if self.task.get("fail_at") == self.turn:
+            raise users.UserError("the user endpoint is down")
+        obs = f"Observation {self.turn}: " + "ok " * (self.turn * self.task["k"])
+        if self.show_reward:
+            obs += f"\nReward: {0.5 * self.turn}"
+        return obs, 0.5 * self.turn, self.turn >= self.task["turns"], {}
+
+
+class EosBonus(torch.nn.Module):
+    """The tiny model with a bonus on the end-of-turn logit, so that random turns end at varied lengths. With
+    `period`, the bonus applies only at positions p with (p + 1) % period == 0, so greedy turns end there."""
+
+    def __init__(self, model, eos: int, bonus: float, period: int = 0):
+        super().__init__()
+        self.model, self.eos, self.bonus, self.period = model, eos, bonus, period
+        self.generation_config = model.generation_config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=use_cache, logits_to_keep=logits_to_keep)
+        if not self.period:
+            out.logits[..., self.eos] += self.bonus
+            return out
+        if position_ids is None:  # a plain forward from position 0
+            position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        pos = position_ids[:, -out.logits.shape[1]:]
+        out.logits[..., self.eos] += self.bonus * ((pos + 1) % self.period == 0)
+        return out
+
+
+def task(j, **kw):
+    # Questions of different lengths give prompts of different lengths; k and turns vary the rest.
+    return {"id": f"toy-{j}", "question": "Please help " * (1 + 3 * j), "k": 1 + j, "turns": 1 + j % 3, **kw}
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(envs.GYMS, "toy", ToyEnv)
+    made = []
+    real = envs.make_env
+
+    def make_env(*a, **kw):
+        made.append(real(*a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(envs, "make_env", make_env)
+    return made
+
+
+def cfg(**kw):
+    base = dict(max_turns=4, max_new_tokens=24, end_on_no_tool_call=False, progress=False)
+    return rollout.RolloutConfig(**{**base, **kw})
+
+
+def full_forward_logprobs(model, ids, temperature):
+    """Log-prob of every token given its prefix from ONE plain forward (no cache, no mask, default positions)."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0].float()
+    lp = torch.log_softmax(logits[:-1] / temperature, dim=-1).gather(1, x[0, 1:, None])[:, 0]
+    return torch.cat([torch.zeros(1), lp])
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_cached_multiturn_logprobs_equal_one_full_forward(tiny, toy, temperature, top_p):
+    model, tok = tiny
+    policy = EosBonus(model, tok.eos_token_id, 4.0 * temperature)  # about 1 in 20 tokens ends the turn
+    tasks = [("toy", task(j)) for j in range(4)]
+    torch.manual_seed(0)
+    stats = {}
+    eps = rollout.rollout(policy, tok, tasks, 3, cfg(temperature=temperature, top_p=top_p), stats=stats)
+    # The batch really was ragged: prompts, turn counts and turn lengths all differ between rows.
+    assert len({ep.info["prompt_tokens"] for ep in eps}) == 4
+    assert {ep.info["turns"] for ep in eps} == {1, 2, 3}
+    lengths = [e - s for ep in eps for s, e in ep.turn_spans]
+    assert len(set(lengths)) > 3 and max(lengths) == 25  # some turns hit the 24-token cap (+ the closing eos)
+    for ep in eps:
+        ref = full_forward_logprobs(policy, ep.ids, temperature)
+        mask = torch.tensor(ep.loss_mask, dtype=torch.bool)
+        got = torch.tensor(ep.logprobs)
+        assert torch.allclose(got[mask], ref[mask], atol=1e-4, rtol=0), (got[mask] - ref[mask]).abs().max()
+        assert (got[~mask] == 0).all()
+    assert sum(sum(ep.loss_mask) for ep in eps) == stats["tokens_generated"]
+
+
+def test_loss_mask_is_exactly_the_sampled_tokens_under_greedy(tiny, toy):
+    # Greedy makes the sampled tokens knowable without the rollout: each is the argmax of a plain forward
+    # over the ids before it. The mask must be 1 there, and 0 on everything else (prompt, observations, the
+    # closing eos of a capped turn), and pad/eos never decide it.
+    model, tok = tiny
+    policy = EosBonus(model, tok.eos_token_id, 100.0, period=17)
+    eps = rollout.rollout(policy, tok, [("toy", task(j)) for j in range(4)], 1, cfg(greedy=True, max_new_tokens=12))
+    ended = {"eos": 0, "cap": 0}
+    for ep in eps:
+        x = torch.tensor([ep.ids])
+        with torch.no_grad():
+            argmax = policy(input_ids=x).logits[0].argmax(-1)
+        expected = [0] * len(ep.ids)
+        for start, end in ep.turn_spans:
+            assert ep.ids[end - 1] == tok.eos_token_id
+            capped = end - start == 13 and ep.ids[end - 1] != int(argmax[end - 2])
+            for t in range(start, end - 1 if capped else end):
+                assert ep.ids[t] == int(argmax[t - 1])  # the model's own greedy token
+                expected[t] = 1
+            ended["cap" if capped else "eos"] += 1
+        assert ep.loss_mask == expected
+        assert len(ep.ids) == len(ep.loss_mask) == len(ep.logprobs)
+    assert ended["cap"] > 0 and ended["eos"] > 0
+
+
+def test_pad_equal_to_eos_changes_nothing(tiny, toy):
+    # Masks come from the rollout's bookkeeping, never from ids: a tokenizer whose pad IS eos (as many are)
+    # gives the same episodes, with loss on the generated end-of-turn tokens.
+    model, tok = tiny
+    tok_pad_eos = copy.deepcopy(tok)
+    tok_pad_eos.pad_token = tok_pad_eos.eos_token
+    assert tok_pad_eos.pad_token_id == tok.eos_token_id
+    policy = EosBonus(model, tok.eos_token_id, 4.0)
+    runs = []
+    for t in (tok, tok_pad_eos):
+        torch.manual_seed(1)
+        runs.append(rollout.rollout(policy, t, [("toy", task(j)) for j in range(3)], 2, cfg()))
+    for a, b in zip(*runs):
+        assert a.ids == b.ids and a.loss_mask == b.loss_mask
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    eos_trained = [m for ep in runs[1] for i, m in zip(ep.ids, ep.loss_mask) if i == tok.eos_token_id]
+    assert 1 in eos_trained
+
+
+def test_ids_equal_the_chat_template_rendering(tiny, toy):
+    model, tok = tiny
+    torch.manual_seed(2)
+    eps = rollout.rollout(EosBonus(model, tok.eos_token_id, 4.0), tok, [("toy", task(j)) for j in range(3)], 2, cfg())
+    for ep in eps:
+        assert ep.messages[0]["role"] == "system" and ep.messages[1]["role"] == "user"
+        msgs = ep.messages[:-1] if ep.messages[-1]["role"] == "tool" else ep.messages  # ids stop at the last turn
+        text = tok.apply_chat_template(msgs, tools=[envs.TOOL_SCHEMA], tokenize=False)
+        assert text.endswith("<|im_end|>\n")
+        text = text[:-1]  # the template's newline after the last end-of-turn token is not generated
+        assert tok.decode(ep.ids, skip_special_tokens=False) == text
+        # Token by token: every token the policy did not sample is the template's own tokenisation of its
+        # text; the sampled ones sit exactly where the template puts the assistant's content.
+        prompt = tok.apply_chat_template(msgs[:2], tools=[envs.TOOL_SCHEMA], add_generation_prompt=True, tokenize=False)
+        expected, cursor = tok.encode(prompt, add_special_tokens=False), len(prompt)
+        assistants = [m["content"] for m in msgs if m["role"] == "assistant"]
+        for k, ((start, end), content) in enumerate(zip(ep.turn_spans, assistants)):
+            assert text.startswith(content, cursor)
+            cursor += len(content)
+            gen = [i for i, m in zip(ep.ids[start:end], ep.loss_mask[start:end]) if m]
+            expected += gen[:-1] if gen and gen[-1] == tok.eos_token_id else gen
+            nxt = text.index("<|im_start|>assistant\n", cursor) + len("<|im_start|>assistant\n") if k + 1 < len(assistants) else len(text)
+            expected += tok.encode(text[cursor:nxt], add_special_tokens=False)
+            cursor = nxt
+        assert ep.ids == expected
+
+
+def test_observation_wrapper_is_the_qwen_tool_turn(tiny):
+    _, tok = tiny
+    assert rollout.observation_wrapper(tok) == ("\n<|im_start|>user\n<tool_response>\n",
+                                                "\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_failing_user_fails_only_its_episodes(tiny, toy):
+    model, tok = tiny
+    tasks = [("toy", task(0)), ("toy", task(1, fail_at=0)), ("toy", task(2, fail_at=2)), ("toy", task(5))]
+    eps = rollout.rollout(EosBonus(model, tok.eos_token_id, 4.0), tok, tasks, 2, cfg())
+    reasons = [ep.info["end_reason"] for ep in eps]
+    assert reasons == ["done", "done", "user_failure", "user_failure", "user_failure", "user_failure", "done", "done"]
+    assert [ep.failed for ep in eps] == [r == "user_failure" for r in reasons]
+    assert [ep.info["turns"] for ep in eps] == [1, 1, 0, 0, 2, 2, 3, 3]
+    assert eps[2].ids == [] and "down" in eps[2].info["error"]
+    assert eps[4].turn_rewards == [0.5, 0.0] and len(eps[4].turn_spans) == 2
+    assert eps[6].turn_rewards == [0.5, 1.0, 1.5]
+
+
+def test_episodes_come_back_grouped_in_task_order_sharing_their_prompt(tiny, toy):
+    model, tok = tiny
+    order = [3, 0, 2, 1]
+    eps = rollout.rollout(model, tok, [("toy", task(j)) for j in order], 3, cfg(max_turns=1))
+    assert [ep.info["task_id"] for ep in eps] == [f"toy-{j}" for j in order for _ in range(3)]
+    assert all(ep.gym == "toy" for ep in eps)
+    prompts = [tuple(ep.ids[:ep.info["prompt_tokens"]]) for ep in eps]
+    assert all(len(set(prompts[g * 3:g * 3 + 3])) == 1 for g in range(4)) and len(set(prompts)) == 4
+
+
+def test_no_tool_call_ends_the_episode_or_goes_to_the_env(tiny, toy):
+    model, tok = tiny
+    eps = rollout.rollout(model, tok, [("toy", task(2))], 2, cfg(end_on_no_tool_call=True, max_new_tokens=8))
+    assert [ep.info["end_reason"] for ep in eps] == ["no_tool_call"] * 2
+    assert all(ep.turn_rewards == [0.0] and ep.info["turns"] == 1 for ep in eps)
+    assert all(env.seen == [] for env in toy)  # the env never saw the turn
+    toy.clear()
+    eps = rollout.rollout(model, tok, [("toy", task(2))], 2, cfg(end_on_no_tool_call=False, max_new_tokens=8))
+    assert [ep.info["end_reason"] for ep in eps] == ["done"] * 2
+    assert [len(env.seen) for env in toy] == [3, 3]
+    assert toy[0].seen[0] == eps[0].messages[2]["content"]  # the env got the decoded turn
+
+
+def test_budget_and_max_turns_end_episodes(tiny, toy):
+    model, tok = tiny
+    eps = rollout.rollout(model, tok, [("toy", task(2, turns=99))], 2, cfg(max_new_tokens=10, max_episode_tokens=60))
+    for ep in eps:
+        assert ep.info["end_reason"] == "budget"
+        assert len(ep.ids) - ep.info["prompt_tokens"] <= 60
+    eps = rollout.rollout(model, tok, [("toy", task(2, turns=99))], 1, cfg(max_new_tokens=4, max_turns=3))
+    assert eps[0].info["end_reason"] == "max_turns" and eps[0].info["turns"] == 3 and len(eps[0].turn_rewards) == 3
+
+
+def test_sample_tokens_top_p_and_greedy():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    tokens, lp = rollout.sample_tokens(logits.expand(2000, 4), top_p=0.7)
+    assert set(tokens.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: the nucleus is the two most likely
+    assert torch.allclose(lp, torch.log(torch.tensor([0.5, 0.3]))[tokens])  # log-prob before top-p
+    tokens, lp = rollout.sample_tokens(logits, temperature=0.5, greedy=True)
+    assert tokens.tolist() == [0] and torch.allclose(lp, torch.log(torch.tensor([0.5])))
+    tokens, lp = rollout.sample_tokens(logits.expand(4000, 4), temperature=0.5)
+    tempered = torch.softmax(logits[0] / 0.5, -1)
+    assert torch.allclose(lp, tempered.log()[tokens])
+    assert abs((tokens == 0).float().mean().item() - tempered[0].item()) < 0.03
+
+
+def test_bad_arguments_are_named(tiny, toy):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="group_size"):
+        rollout.rollout(model, tok, [("toy", task(0))], 0, cfg())
+    with pytest.raises(ValueError, match="gym_name, task_dict"):
+        rollout.rollout(model, tok, ["toy"], 1, cfg())
+    with pytest.raises(ValueError, match="top_p"):
+        rollout.rollout(model, tok, [("toy", task(0))], 1, cfg(top_p=0.0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The HTTP agent (a strong model behind an OpenAI-compatible endpoint) and transcripts
+
+
+class AgentServer(BaseHTTPRequestHandler):
+    """A loopback /v1/chat/completions that answers every turn with an interact_with_env tool call, or 400s
+    when the conversation's question contains "broken"."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if "broken" in body["messages"][1]["content"]:
+            self.send_response(400)
+            self.end_headers()
+            self.wfile.write(b'{"error": "bad request"}')
+            return
+        turn = sum(m["role"] == "assistant" for m in body["messages"])
+        args = json.dumps({"choice": "action", "content": f"question {turn}"})
+        msg = {"role": "assistant", "content": None,
+               "tool_calls": [{"id": f"call_{turn}", "type": "function",
+                               "function": {"name": "interact_with_env", "arguments": args}}]}
+        data = json.dumps({"choices": [{"message": msg}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_agent_rollout_and_transcripts(toy, tiny, tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), AgentServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        agent = users.make_user("http", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="agent",
+                                max_retries=0)
+        tasks = [("toy", task(2)), ("toy", task(0, question="broken please"))]
+        stats = {}
+        eps = rollout.rollout(agent, None, tasks, 2, cfg(end_on_no_tool_call=True), stats=stats)
+    finally:
+        server.shutdown()
+    assert [ep.info["end_reason"] for ep in eps] == ["done", "done", "user_failure", "user_failure"]
+    assert eps[0].turn_rewards == [0.5, 1.0, 1.5] and eps[0].ids == [] and not eps[0].failed
+    assert toy[0].seen[0].endswith('</tool_call>') and envs.parse_action(toy[0].seen[0]).content == "question 0"
+    roles = [m["role"] for m in eps[0].messages]
+    assert roles == ["system", "user"] + ["assistant", "tool"] * 3
+    assert eps[0].messages[3]["tool_call_id"] == "call_0"
+    assert "HTTP 400" in eps[2].info["error"] and stats["turns"] == 3
+
+    path = tmp_path / "t.jsonl"
+    rollout.write_transcripts(path, eps)
+    model, tok = tiny
+    local = rollout.rollout(model, tok, [("toy", task(1))], 1, cfg())
+    rollout.write_transcripts(path, local, tok, append=True)
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(recs) == 5 and recs[0]["messages"] == eps[0].messages and recs[0]["turn_rewards"] == [0.5, 1.0, 1.5]
+    assert recs[2]["failed"] and recs[2]["info"]["end_reason"] == "user_failure"
+    assert recs[4]["text"] == tok.decode(local[0].ids, skip_special_tokens=False)
+    assert recs[4]["num_generated"] == sum(local[0].loss_mask) and "text" not in recs[0]
