@@ -341,9 +341,10 @@ class HFUser:
             return []
         texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True,
                                                     enable_thinking=self.enable_thinking) for m in batch]
-        with self._lock:  # one generate at a time: the model and the tokenizer's padding side are shared
-            self.tokenizer.padding_side = "left"  # left padding keeps every prompt's end next to its reply
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        # left padding keeps every prompt's end next to its reply
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+                             add_special_tokens=False).to(self.device)
+        with self._lock:  # one generate at a time on the shared model
             with torch.no_grad():
                 out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                                        pad_token_id=self.tokenizer.pad_token_id)
