@@ -205,23 +205,29 @@ class Env:
         path = next((data_dir / f for f in cls.original_files if (data_dir / f).is_file()), None)
         if path is None:
             raise FileNotFoundError(f"{cls.name}: none of {list(cls.original_files)} found in {data_dir}")
-        tasks = [cls.from_original(r) for r in read_records(path)]
+        tasks = cls.read_original(path)
         order = list(range(len(tasks)))
         random.Random(42).shuffle(order)
         n_test = max(1, round(len(tasks) / 10))
         return [tasks[i] for i in sorted(order[n_test:] if split == "train" else order[:n_test])]
 
-
-def read_records(path: Path) -> list[dict]:
-    """A JSON array of objects, or JSON lines."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ValueError(f"{path}: expected a JSON array of objects or JSON lines")
-    return records
+    @classmethod
+    def read_original(cls, path: Path) -> list[dict]:
+        """Every record of an original file (a JSON array, or JSON lines) converted by `from_original`."""
+        text = path.read_text(encoding="utf-8")
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError(f"{path}: expected a JSON array of objects or JSON lines")
+        tasks = []
+        for i, record in enumerate(records):
+            try:
+                tasks.append(cls.from_original(record))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}: record {i} does not have the original {cls.name} layout ({e!r})") from None
+        return tasks
 
 
 def role_messages(system: str, turns, last: str) -> list[dict]:
@@ -522,7 +528,7 @@ class IntentionGym(Env):
         path = data_dir / cls.original_files[0 if split == "train" else 1]
         if not path.is_file():
             raise FileNotFoundError(f"intention: {path} not found")
-        return [cls.from_original(r) for r in read_records(path)]
+        return cls.read_original(path)
 
     @staticmethod
     def from_original(record):

@@ -369,6 +369,9 @@ def test_original_dialogue_data_loaders(tmp_path):
     for gym, task in [("telepathy", tele[0]), ("turtle", turtle), ("intention", intent[0])]:
         env = envs.make_env(gym, task)
         assert env.reset() and isinstance(env.step("[action] is it?")[0], str)  # plays, earning nothing by keywords
+    write("all_statements_refined.json", [{"id": "GXQ", "claim": "c"}])
+    with pytest.raises(ValueError, match="record 0 does not have the original persuade layout.*argument"):
+        envs.load_tasks("persuade", "train", data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="functions.json"):
         envs.load_tasks("function", "train", data_dir=tmp_path)
     shutil.copy(TESTS_DATA / "functiongym-functions.json", tmp_path / "functions.json")  # the original's own name
