@@ -257,7 +257,7 @@ class HTTPUser:
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
         attempts = self.max_retries + 1
-        with self._slots:
+        with self._slots:  # held through the backoff too, so a struggling server gets fewer requests, not more
             for attempt in range(attempts):
                 wait = self.backoff * 2 ** attempt
                 try:
