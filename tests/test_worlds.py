@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+import retail
 import travel
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,3 +189,120 @@ def test_travel_llm_replies_are_parsed_leniently():
     for junk in ["no json here", "{broken", '{"aspect": ["x"]}', '["a"]']:
         s = travel.TravelSession(task, Fixed(junk))
         assert "No results" in s.search("q")[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TauGym
+
+
+@pytest.fixture(scope="module")
+def tau_tasks():
+    return {split: read(retail.DATA_DIR / f"{split}.jsonl") for split in retail.SPLITS}
+
+
+def test_tau_files_are_the_generators_output(tau_tasks):
+    for split in retail.SPLITS:
+        shipped = (retail.DATA_DIR / f"{split}.jsonl").read_text(encoding="utf-8")
+        assert retail.dumps(retail.generate(split)) == shipped, f"data/tau/{split}.jsonl: run python retail.py"
+    assert len(tau_tasks["train"]) >= 100 and len(tau_tasks["test"]) >= 30
+    users = [{t["user_id"] for t in tau_tasks[s]} for s in retail.SPLITS]
+    assert not users[0] & users[1]  # the splits are about different customers
+    assert retail.make_db(0) == retail.make_db(0) != retail.make_db(1)
+
+
+def tool(name, **arguments):
+    return json.dumps({"name": name, "arguments": arguments})
+
+
+def play_tau(task, actions):
+    """An agent that identifies the customer, performs `actions`, and reports back."""
+    s = retail.RetailSession(task, Rules(retail.ROLES))
+    assert s.opening().startswith("Hi")
+    c = task["customer"]
+    obs, _, _ = s.talk("Could you give me your email, or your name and zip code, to verify your identity?")
+    if c["identify_by"] == "email":
+        assert c["email"] in obs
+        found = s.call(tool("find_user_id_by_email", email=c["email"]))[0]
+    else:
+        assert c["zip"] in obs
+        found = s.call(tool("find_user_id_by_name_zip", first_name=c["first_name"], last_name=c["last_name"], zip=c["zip"]))[0]
+    assert found == task["user_id"]
+    assert "find_user_id_by_email" in s.tools("tools")[0] and "already" in s.tools("tools")[0]
+    for a in actions:
+        assert not s.call(json.dumps(a))[0].startswith("Error")
+    keys = [r.get("order_id") or "address" for r in c["requests"]]
+    said = f"You paid {task['outputs'][0]} in total." if task["outputs"] else f"{' and '.join(keys)}: done successfully."
+    obs, r, done = s.talk(said)
+    return r, done
+
+
+def test_tau_reward_correct_vs_wrong_actions(tau_tasks):
+    tasks = tau_tasks["test"]
+    assert all(play_tau(t, t["actions"]) == (1.0, True) for t in tasks)
+    extra = {"name": "modify_user_address", "arguments": {"address1": "1 Extra Way", "address2": "", "city": "Dover",
+                                                           "state": "DE", "country": "USA", "zip": "19901"}}
+    writes = [t for t in tasks if t["actions"]]
+    for t in writes[:8]:
+        assert play_tau(t, [])[0] == 0.0  # claiming success without doing it
+        more = [*t["actions"], {**extra, "arguments": {"user_id": t["user_id"], **extra["arguments"]}}]
+        assert play_tau(t, more)[0] == 0.0  # a write nobody asked for
+    for t in [t for t in writes if t["actions"][0]["name"] in ("cancel_pending_order", "modify_pending_order_address")][:5]:
+        wrong = json.loads(json.dumps(t["actions"]))
+        a = wrong[0]["arguments"]
+        a.update(reason=[r for r in retail.REASONS if r != a["reason"]][0]) if "reason" in a else a.update(zip="00000")
+        assert play_tau(t, wrong)[0] == 0.0
+    assert retail._base(0)[0] == retail.make_db(0)  # episodes copy records before writing: the original is intact
+    info = next(t for t in tasks if t["outputs"])
+    s = retail.RetailSession(info, Rules(retail.ROLES))
+    s.opening()
+    assert s.talk("You paid 0.01 in total.")[1:] == (0.0, False)  # a wrong value does not end the conversation
+    assert s.reward() == 0.0
+
+
+def test_tau_tool_errors_never_raise(tau_tasks):
+    task = tau_tasks["train"][0]
+    world = retail.RetailWorld(retail.fresh_db())
+    uid = task["user_id"]
+    order_id = world.db["users"][uid]["orders"][0]
+    status = world.db["orders"][order_id]["status"]
+    for name, args, needle in [
+        ("no_such_tool", {}, "unknown tool"),
+        ("get_order_details", {"order_id": order_id}, "identify the customer first"),
+        ("get_user_details", {"user_id": uid}, "identify the customer first"),
+        ("find_user_id_by_email", {"email": "nobody@example.com"}, "no user"),
+        ("find_user_id_by_email", {}, "missing: email"),
+        ("find_user_id_by_email", {"email": "x", "extra": 1}, "unexpected: extra"),
+        ("find_user_id_by_email", {"email": 42}, "must be a string"),
+        ("find_user_id_by_email", ["x"], "JSON object"),
+        ("return_delivered_order_items", {"order_id": order_id, "item_ids": "x", "payment_method_id": "p"}, "list of strings"),
+        ("get_product_details", {"product_id": "P0"}, "not found"),
+    ]:
+        out = world.call(name, args)
+        assert out.startswith("Error") and needle in out, (name, out)
+    world.call("find_user_id_by_email", {"email": world.db["users"][uid]["email"]})
+    assert json.loads(world.call("get_order_details", {"order_id": order_id}))["status"] == status
+    not_pending = next(o for o in world.db["orders"] if world.db["orders"][o]["status"] != "pending"
+                       and world.db["orders"][o]["user_id"] == uid) if status != "pending" else None
+    if not_pending:
+        assert "not pending" in world.call("cancel_pending_order", {"order_id": not_pending, "reason": "no longer needed"})
+    before = json.dumps(world.db, sort_keys=True)
+    assert "reason must be" in world.call("cancel_pending_order", {"order_id": order_id, "reason": "bored"}) or status != "pending"
+    s = retail.RetailSession(task, Rules(retail.ROLES))
+    for junk in ["", "{", "null", "[1]", '{"name": 3}', "cancel_pending_order", 'get_order_details {"order_id": 5}',
+                 '{"name": "get_user_details", "arguments": "{broken"}', "x" * 10000, "__import__('os')"]:
+        obs, r, done = s.call(junk)
+        assert obs.startswith("Error") and r == 0.0 and not done
+    assert json.dumps(world.db, sort_keys=True) == before  # failed calls change nothing
+    assert retail.parse_tool_call('get_order_details: {"order_id": "#R1"}') == ("get_order_details", {"order_id": "#R1"})
+
+
+def test_tau_task_for_another_database_is_refused(tau_tasks):
+    task = dict(tau_tasks["test"][0], db_sha="0" * 16)
+    with pytest.raises(ValueError, match="different database"):
+        retail.RetailSession(task, Rules(retail.ROLES))
+
+
+def test_tau_customer_prompt_alternates():
+    msgs = retail.customer_messages("You are X.", ["agent 1", "agent 2"], ["hi", "reply 1"])
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert msgs[-1]["content"] == "agent 2" and msgs[2]["content"] == "hi"
