@@ -37,25 +37,25 @@ class ToyEnv(envs.Env):
         return obs, 0.5 * self.turn, self.turn >= self.task["turns"], {}
 
 
-class EosBonus(torch.nn.Module):
-    """The tiny model with a bonus on the end-of-turn logit, so that random turns end at varied lengths. With
-    `period`, the bonus applies only at positions p with (p + 1) % period == 0, so greedy turns end there."""
+class Biased(torch.nn.Module):
+    """The tiny model with fixed logit biases ({token id: bonus}), e.g. on the end-of-turn token so that random
+    turns end at varied lengths. With `period`, the biases apply only at positions p with (p + 1) % period == 0."""
 
-    def __init__(self, model, eos: int, bonus: float, period: int = 0):
+    def __init__(self, model, bias: dict, period: int = 0):
         super().__init__()
-        self.model, self.eos, self.bonus, self.period = model, eos, bonus, period
+        self.model, self.bias, self.period = model, bias, period
         self.generation_config = model.generation_config
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          use_cache=use_cache, logits_to_keep=logits_to_keep)
-        if not self.period:
-            out.logits[..., self.eos] += self.bonus
-            return out
-        if position_ids is None:  # a plain forward from position 0
-            position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
-        pos = position_ids[:, -out.logits.shape[1]:]
-        out.logits[..., self.eos] += self.bonus * ((pos + 1) % self.period == 0)
+        on = 1.0
+        if self.period:
+            if position_ids is None:  # a plain forward from position 0
+                position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+            on = ((position_ids[:, -out.logits.shape[1]:] + 1) % self.period == 0).float()
+        for token, bonus in self.bias.items():
+            out.logits[..., token] += bonus * on
         return out
 
 
@@ -98,7 +98,7 @@ def full_forward_logprobs(model, ids, temperature):
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_cached_multiturn_logprobs_equal_one_full_forward(tiny, toy, temperature, top_p):
     model, tok = tiny
-    policy = EosBonus(model, tok.eos_token_id, 4.0 * temperature)  # about 1 in 20 tokens ends the turn
+    policy = Biased(model, {tok.eos_token_id: 4.0 * temperature})  # about 1 in 20 tokens ends the turn
     tasks = [("toy", task(j)) for j in range(4)]
     torch.manual_seed(0)
     stats = {}
@@ -122,8 +122,8 @@ def test_loss_mask_is_exactly_the_sampled_tokens_under_greedy(tiny, toy):
     # over the ids before it. The mask must be 1 there, and 0 on everything else (prompt, observations, the
     # closing eos of a capped turn), and pad/eos never decide it.
     model, tok = tiny
-    policy = EosBonus(model, tok.eos_token_id, 100.0, period=17)
-    eps = rollout.rollout(policy, tok, [("toy", task(j)) for j in range(4)], 1, cfg(greedy=True, max_new_tokens=12))
+    policy = Biased(model, {tok.eos_token_id: 100.0}, period=17)
+    eps = rollout.rollout(policy, tok, [("toy", task(j)) for j in range(6)], 1, cfg(greedy=True, max_new_tokens=8))
     ended = {"eos": 0, "cap": 0}
     for ep in eps:
         x = torch.tensor([ep.ids])
@@ -132,7 +132,7 @@ def test_loss_mask_is_exactly_the_sampled_tokens_under_greedy(tiny, toy):
         expected = [0] * len(ep.ids)
         for start, end in ep.turn_spans:
             assert ep.ids[end - 1] == tok.eos_token_id
-            capped = end - start == 13 and ep.ids[end - 1] != int(argmax[end - 2])
+            capped = end - start == 9  # 8 sampled tokens and no eos among them: one closing eos, not sampled
             for t in range(start, end - 1 if capped else end):
                 assert ep.ids[t] == int(argmax[t - 1])  # the model's own greedy token
                 expected[t] = 1
@@ -149,7 +149,7 @@ def test_pad_equal_to_eos_changes_nothing(tiny, toy):
     tok_pad_eos = copy.deepcopy(tok)
     tok_pad_eos.pad_token = tok_pad_eos.eos_token
     assert tok_pad_eos.pad_token_id == tok.eos_token_id
-    policy = EosBonus(model, tok.eos_token_id, 4.0)
+    policy = Biased(model, {tok.eos_token_id: 4.0})
     runs = []
     for t in (tok, tok_pad_eos):
         torch.manual_seed(1)
@@ -164,7 +164,7 @@ def test_pad_equal_to_eos_changes_nothing(tiny, toy):
 def test_ids_equal_the_chat_template_rendering(tiny, toy):
     model, tok = tiny
     torch.manual_seed(2)
-    eps = rollout.rollout(EosBonus(model, tok.eos_token_id, 4.0), tok, [("toy", task(j)) for j in range(3)], 2, cfg())
+    eps = rollout.rollout(Biased(model, {tok.eos_token_id: 4.0}), tok, [("toy", task(j)) for j in range(3)], 2, cfg())
     for ep in eps:
         assert ep.messages[0]["role"] == "system" and ep.messages[1]["role"] == "user"
         msgs = ep.messages[:-1] if ep.messages[-1]["role"] == "tool" else ep.messages  # ids stop at the last turn
@@ -197,7 +197,7 @@ def test_observation_wrapper_is_the_qwen_tool_turn(tiny):
 def test_a_failing_user_fails_only_its_episodes(tiny, toy):
     model, tok = tiny
     tasks = [("toy", task(0)), ("toy", task(1, fail_at=0)), ("toy", task(2, fail_at=2)), ("toy", task(5))]
-    eps = rollout.rollout(EosBonus(model, tok.eos_token_id, 4.0), tok, tasks, 2, cfg())
+    eps = rollout.rollout(Biased(model, {tok.eos_token_id: 4.0}), tok, tasks, 2, cfg())
     reasons = [ep.info["end_reason"] for ep in eps]
     assert reasons == ["done", "done", "user_failure", "user_failure", "user_failure", "user_failure", "done", "done"]
     assert [ep.failed for ep in eps] == [r == "user_failure" for r in reasons]
@@ -219,6 +219,7 @@ def test_episodes_come_back_grouped_in_task_order_sharing_their_prompt(tiny, toy
 
 def test_no_tool_call_ends_the_episode_or_goes_to_the_env(tiny, toy):
     model, tok = tiny
+    model = Biased(model, {tok.convert_tokens_to_ids("<tool_call>"): -100.0})  # random text, never a tool call
     eps = rollout.rollout(model, tok, [("toy", task(2))], 2, cfg(end_on_no_tool_call=True, max_new_tokens=8))
     assert [ep.info["end_reason"] for ep in eps] == ["no_tool_call"] * 2
     assert all(ep.turn_rewards == [0.0] and ep.info["turns"] == 1 for ep in eps)
