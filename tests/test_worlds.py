@@ -4,10 +4,14 @@ Generation is deterministic and matches the shipped files; ground truth is consi
 wrapper relies on (judging, failures, repeats, rewards, tool errors, ranking, the remote client) behaves.
 """
 import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import retail
+import search
 import travel
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,3 +310,158 @@ def test_tau_customer_prompt_alternates():
     msgs = retail.customer_messages("You are X.", ["agent 1", "agent 2"], ["hi", "reply 1"])
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert msgs[-1]["content"] == "agent 2" and msgs[2]["content"] == "hi"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SearchGym
+
+
+@pytest.fixture(scope="module")
+def search_data():
+    return {split: (read(search.DATA_DIR / f"{split}.jsonl"), read(search.DATA_DIR / f"corpus-{split}.jsonl"))
+            for split in search.SPLITS}
+
+
+def test_search_files_are_the_generators_output(search_data):
+    for split in search.SPLITS:
+        qs, docs = search.generate(split)
+        assert search.dumps(qs) == (search.DATA_DIR / f"{split}.jsonl").read_text(encoding="utf-8")
+        assert search.dumps(docs) == (search.DATA_DIR / f"corpus-{split}.jsonl").read_text(encoding="utf-8")
+    qs, docs = search_data["test"]
+    assert len(qs) >= 60 and 200 <= len(docs) <= 600
+    titles = [{d["title"] for d in search_data[s][1]} for s in search.SPLITS]
+    assert not titles[0] & titles[1]  # each split has a world of its own
+
+
+def test_search_questions_are_answered_by_their_hops(search_data):
+    for split, (qs, docs) in search_data.items():
+        text = {d["title"]: d["text"] for d in docs}
+        assert len({q["question"] for q in qs}) == len(qs)
+        for q in qs:
+            assert q["corpus"] == split and len(q["hops"]) >= 2 and all(h in text for h in q["hops"])
+            assert q["hops"][0] in q["question"]
+            assert not search.exact_match(q["question"], [q["answer"]]) and q["answer"] not in q["question"]
+            last = search.normalize(text[q["hops"][-1]])
+            assert any(search.normalize(g) in last for g in [q["answer"], *q["aliases"]]), q["id"]
+            for a, b in zip(q["hops"], q["hops"][1:]):  # each hop's article names the next entity
+                assert b.replace(" River", "") in text[a] or a in text[b], (q["id"], a, b)
+
+
+def test_search_every_hop_is_findable(search_data):
+    qs, _ = search_data["test"]
+    backend = search.LocalSearch("test")
+    for q in qs:
+        for hop in q["hops"]:
+            assert hop in [r["title"] for r in backend.search(hop)], (q["id"], hop)
+
+
+def test_bm25_ranking():
+    docs = [{"title": f"doc {i}", "text": "the harbour town trades wool and grain every spring"} for i in range(8)]
+    docs.insert(5, {"title": "odd one", "text": "the harbour town trades wool and quillwort every spring"})
+    index = search.BM25(docs)
+    assert index.search("harbour quillwort")[0]["title"] == "odd one"  # the rare term decides
+    assert index.search("wool")[:2] == docs[:2]  # equal scores keep corpus order
+    assert index.search("nothing matches this") == [] and index.search("") == []
+    short = search.BM25([{"title": "long", "text": "wool " + "filler " * 30}, {"title": "short", "text": "wool"}])
+    assert short.search("wool")[0]["title"] == "short"  # length normalisation
+    assert len(search.LocalSearch("test").search("river town country")) == 5
+
+
+def test_search_session_limits_and_answers(search_data):
+    q = search_data["test"][0][0]
+    s = search.SearchSession(q, Rules(search.ROLES))
+    for _ in range(5):
+        obs, r, done = s.search(q["hops"][0])
+        assert obs.startswith("1. ") and r == 0.0 and not done
+    assert "used all 5 searches" in s.search("more")[0]
+    assert s.answer("I have no idea") == ("That answer is not correct.", 0.0, False)
+    assert s.answer(f"Maybe {q['answer']} or somewhere else")[1] == 0.0  # hedging is not an answer
+    assert s.answer(f"  the {q['answer'].upper()}!! ") == ("Correct.", 1.0, True)  # normalised exact match
+    assert search.SearchSession(q, Rules(search.ROLES)).answer(f"I believe it is {q['answer']}.")[1] == 1.0
+    assert search.judge_rule("q", "1917", ["1917"]) == "Yes" and search.judge_rule("q", "19170", ["1917"]) == "No"
+
+    class Fixed:
+        def __init__(self, reply):
+            self.reply = reply
+
+        def act(self, role, messages, **facts):
+            assert role == "search.judge" and q["answer"] in messages[-1]["content"]
+            return self.reply
+
+    assert search.SearchSession(q, Fixed("<think>no, wait</think> Yes.")).answer("paraphrase")[1] == 1.0
+    for junk in ["No.", "", "I cannot tell", "{}"]:
+        assert search.SearchSession(q, Fixed(junk)).answer("paraphrase")[1] == 0.0
+
+
+class FakeSerper(BaseHTTPRequestHandler):
+    """A loopback stand-in for the search API. `mode` picks the behaviour; `seen` records requests."""
+
+    mode, seen = "ok", []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeSerper.seen.append((self.headers.get("X-API-KEY"), body))
+        status, reply = {
+            "ok": (200, {"answerBox": {"title": "Box", "answer": "Forty-two"},
+                         "organic": [{"title": f"T{i}", "link": "http://x", "snippet": f"S{i}"} for i in range(7)]}),
+            "fail": (503, {"message": "overloaded"}),
+            "denied": (401, {"message": "bad key"}),
+        }.get(FakeSerper.mode, (200, None))
+        data = b"<html>not json" if reply is None else json.dumps(reply).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def serper(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeSerper)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    monkeypatch.setenv("TEST_SERPER_KEY", "sekret-123")
+    FakeSerper.seen = []
+    yield search.make_backend("serper", url=f"http://127.0.0.1:{server.server_port}/search",
+                              api_key_env="TEST_SERPER_KEY", max_retries=2, backoff=0.0, timeout=5.0)
+    server.shutdown()
+    server.server_close()
+
+
+def test_serper_client_against_loopback(serper):
+    FakeSerper.mode = "ok"
+    results = serper.search("meaning of life")
+    assert results[0] == {"title": "Box", "snippet": "Forty-two"} and [r["title"] for r in results[1:]] == ["T0", "T1", "T2", "T3"]
+    assert FakeSerper.seen == [("sekret-123", {"q": "meaning of life", "num": 5})]
+    s = search.SearchSession({"question": "?", "answer": "x", "aliases": [], "corpus": "test"}, None, backend=serper)
+    assert s.search("meaning of life")[0].startswith("1. Box\nForty-two")
+
+
+@pytest.mark.parametrize("mode, attempts", [("fail", 3), ("denied", 1), ("junk", 1)])
+def test_serper_client_failures(serper, mode, attempts):
+    FakeSerper.mode = mode
+    with pytest.raises(search.SearchError) as e:
+        serper.search("q")
+    assert len(FakeSerper.seen) == attempts  # only overload and server errors are retried
+    assert "sekret-123" not in str(e.value)
+    s = search.SearchSession({"question": "?", "answer": "x", "aliases": [], "corpus": "test"}, None, backend=serper)
+    obs, r, done = s.search("q")
+    assert obs.startswith("The search failed") and r == 0.0 and not done and "sekret" not in obs
+
+
+def test_serper_client_needs_its_key_and_a_server(monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(ValueError, match="NO_SUCH_KEY_VAR"):
+        search.SerperSearch(api_key_env="NO_SUCH_KEY_VAR")
+    monkeypatch.setenv("NO_SUCH_KEY_VAR", "k")
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = search.SerperSearch(url=f"http://127.0.0.1:{port}/", api_key_env="NO_SUCH_KEY_VAR", max_retries=1,
+                                 backoff=0.0)
+    with pytest.raises(search.SearchError, match="connection failed"):
+        client.search("q")
+    with pytest.raises(ValueError, match="unknown search backend"):
+        search.make_backend("bing")
+
