@@ -97,10 +97,13 @@ def make_db(seed: int = DB_SEED) -> dict:
         methods = {}
         for source in rng.sample(["credit_card", "paypal", "gift_card"], rng.randint(1, 3)):
             pm = f"{source}_{next(ids)}"
-            methods[pm] = ({"source": source, "brand": rng.choice(["visa", "mastercard", "amex"]),
-                            "last_four": f"{rng.randint(0, 9999):04d}"} if source == "credit_card" else
-                           {"source": "gift_card", "balance": float(rng.randint(0, 300))} if source == "gift_card" else
-                           {"source": "paypal"})
+            if source == "credit_card":
+                methods[pm] = {"source": source, "brand": rng.choice(["visa", "mastercard", "amex"]),
+                               "last_four": f"{rng.randint(0, 9999):04d}"}
+            elif source == "gift_card":
+                methods[pm] = {"source": source, "balance": float(rng.randint(0, 300))}
+            else:
+                methods[pm] = {"source": source}
         address = _address(rng)
         users[uid] = {"name": {"first_name": first, "last_name": last},
                       "email": f"{first}.{last}{n}@example.com".lower(), "address": address,
@@ -325,42 +328,47 @@ class RetailWorld:
         return "Transfer successful. A human agent will take over this conversation."
 
 
+W = RetailWorld
+ORDER = {"order_id": ("string", "order id, e.g. #R1234567")}
 TOOLS = {
-    "find_user_id_by_email": Tool(RetailWorld.find_user_id_by_email, "Find a customer's user id by email; this identifies the customer.",
-                                  {"email": ("string", "the customer's email")}),
-    "find_user_id_by_name_zip": Tool(RetailWorld.find_user_id_by_name_zip,
-                                     "Find a customer's user id by full name and zip code; this identifies the customer.",
-                                     {"first_name": ("string", "first name"), "last_name": ("string", "last name"),
-                                      "zip": ("string", "zip code of the customer's address")}),
-    "get_user_details": Tool(RetailWorld.get_user_details, "A customer's profile, payment methods and order ids.",
-                             {"user_id": ("string", "user id")}),
-    "get_order_details": Tool(RetailWorld.get_order_details, "An order's status, address, items and payments.",
-                              {"order_id": ("string", "order id, e.g. #R1234567")}),
-    "get_product_details": Tool(RetailWorld.get_product_details, "A product's variants with options, price and availability.",
-                                {"product_id": ("string", "product id")}),
-    "list_all_product_types": Tool(RetailWorld.list_all_product_types, "Every product name with its product id.", {}),
-    "cancel_pending_order": Tool(RetailWorld.cancel_pending_order,
-                                 "Cancel a pending order; payments are refunded to where they came from.",
-                                 {"order_id": ("string", "order id"),
-                                  "reason": ("string", "'no longer needed' or 'ordered by mistake'")}),
-    "modify_pending_order_address": Tool(RetailWorld.modify_pending_order_address, "Change the shipping address of a pending order.",
-                                         {"order_id": ("string", "order id"), **ADDRESS}),
-    "modify_user_address": Tool(RetailWorld.modify_user_address, "Change a customer's default address.",
-                                {"user_id": ("string", "user id"), **ADDRESS}),
-    "return_delivered_order_items": Tool(RetailWorld.return_delivered_order_items,
-                                         "Request a return of items of a delivered order; the refund goes to the "
-                                         "original payment method or a gift card.",
-                                         {"order_id": ("string", "order id"), "item_ids": ("array", "item ids to return"),
-                                          "payment_method_id": ("string", "where the refund goes")}),
-    "exchange_delivered_order_items": Tool(RetailWorld.exchange_delivered_order_items,
-                                           "Exchange items of a delivered order for other variants of the same "
-                                           "products; the price difference is charged or refunded.",
-                                           {"order_id": ("string", "order id"), "item_ids": ("array", "item ids to exchange"),
-                                            "new_item_ids": ("array", "the new item ids, in the same order"),
-                                            "payment_method_id": ("string", "pays or receives the difference")}),
-    "transfer_to_human_agents": Tool(RetailWorld.transfer_to_human_agents,
-                                     "Hand the conversation to a human; only when the request is outside what the tools allow.",
-                                     {"summary": ("string", "a summary of the customer's issue")}),
+    "find_user_id_by_email": Tool(
+        W.find_user_id_by_email, "Find a customer's user id by email; this identifies the customer.",
+        {"email": ("string", "the customer's email")}),
+    "find_user_id_by_name_zip": Tool(
+        W.find_user_id_by_name_zip, "Find a customer's user id by full name and zip code; this identifies them.",
+        {"first_name": ("string", "first name"), "last_name": ("string", "last name"),
+         "zip": ("string", "zip code of the customer's address")}),
+    "get_user_details": Tool(
+        W.get_user_details, "A customer's profile, payment methods and order ids.",
+        {"user_id": ("string", "user id")}),
+    "get_order_details": Tool(W.get_order_details, "An order's status, address, items and payments.", ORDER),
+    "get_product_details": Tool(
+        W.get_product_details, "A product's variants with their options, price and availability.",
+        {"product_id": ("string", "product id")}),
+    "list_all_product_types": Tool(W.list_all_product_types, "Every product name with its product id.", {}),
+    "cancel_pending_order": Tool(
+        W.cancel_pending_order, "Cancel a pending order; its payments are refunded to where they came from.",
+        {**ORDER, "reason": ("string", "'no longer needed' or 'ordered by mistake'")}),
+    "modify_pending_order_address": Tool(
+        W.modify_pending_order_address, "Change the shipping address of a pending order.", {**ORDER, **ADDRESS}),
+    "modify_user_address": Tool(
+        W.modify_user_address, "Change a customer's default address.", {"user_id": ("string", "user id"), **ADDRESS}),
+    "return_delivered_order_items": Tool(
+        W.return_delivered_order_items,
+        "Request the return of items of a delivered order; the refund goes to the original payment method or to "
+        "a gift card.",
+        {**ORDER, "item_ids": ("array", "item ids to return"),
+         "payment_method_id": ("string", "where the refund goes")}),
+    "exchange_delivered_order_items": Tool(
+        W.exchange_delivered_order_items,
+        "Exchange items of a delivered order for other variants of the same products; the price difference is "
+        "charged or refunded.",
+        {**ORDER, "item_ids": ("array", "item ids to exchange"),
+         "new_item_ids": ("array", "the new item ids, in the same order"),
+         "payment_method_id": ("string", "pays or receives the difference")}),
+    "transfer_to_human_agents": Tool(
+        W.transfer_to_human_agents, "Hand the conversation to a human; only for requests the tools cannot serve.",
+        {"summary": ("string", "a summary of the customer's issue")}),
 }
 
 
@@ -404,7 +412,7 @@ def describe(item: dict) -> str:
     return f"{item['name']} ({opts})"
 
 
-def payment_words(method_id: str, method: dict) -> str:
+def payment_words(method: dict) -> str:
     if method["source"] == "credit_card":
         return f"my {method['brand']} card ending in {method['last_four']}"
     return "my gift card" if method["source"] == "gift_card" else "my paypal account"
@@ -419,9 +427,9 @@ def _request(rng, db, uid, kind):
     delivered = [o for o, d in mine.items() if d["status"] == "delivered"]
     if kind == "cancel" and pending:
         oid, reason = rng.choice(pending), rng.choice(REASONS)
-        said = {"no longer needed": "you no longer need it", "ordered by mistake": "you ordered it by mistake"}[reason]
+        said = {"no longer needed": "you no longer need it", "ordered by mistake": "you ordered it by mistake"}
         return ({"kind": kind, "order_id": oid, "reason": reason},
-                f"cancel your pending order {oid} because {said}",
+                f"cancel your pending order {oid} because {said[reason]}",
                 [("cancel_pending_order", {"order_id": oid, "reason": reason})], [])
     if kind == "order_address" and pending:
         oid, addr = rng.choice(pending), _address(rng)
@@ -436,10 +444,12 @@ def _request(rng, db, uid, kind):
         oid = rng.choice(delivered)
         items = rng.sample(mine[oid]["items"], rng.randint(1, len(mine[oid]["items"])))
         cards = [p for p, m in user["payment_methods"].items() if m["source"] == "gift_card"]
-        to = rng.choice(cards) if cards and rng.random() < 0.5 else mine[oid]["payment_history"][0]["payment_method_id"]
+        original = mine[oid]["payment_history"][0]["payment_method_id"]
+        to = rng.choice(cards) if cards and rng.random() < 0.5 else original
         words = "gift card" if to in cards else "original payment method"
+        listed = "; ".join(describe(i) for i in items)
         return ({"kind": kind, "order_id": oid, "items": [describe(i) for i in items], "refund": f"the {words}"},
-                f"return {'; '.join(describe(i) for i in items)} from order {oid}, with the refund going to your {words}",
+                f"return {listed} from order {oid}, with the refund going to your {words}",
                 [("return_delivered_order_items", {"order_id": oid, "item_ids": sorted(i["item_id"] for i in items),
                                                    "payment_method_id": to})], [])
     if kind == "exchange" and delivered:
@@ -456,13 +466,13 @@ def _request(rng, db, uid, kind):
                 if not payers:
                     continue
                 pid, method = rng.choice(payers)
-                words = payment_words(pid, method)
-                return ({"kind": kind, "order_id": oid, "items": [describe(item)],
-                         "want": f"{dim} {new['options'][dim]}", "payment": words},
-                        f"exchange the {describe(item)} from order {oid} for the same item with {dim} "
-                        f"{new['options'][dim]}, settling any price difference with {words.replace('my ', 'your ', 1)}",
-                        [("exchange_delivered_order_items", {"order_id": oid, "item_ids": [item["item_id"]],
-                                                             "new_item_ids": [new_id], "payment_method_id": pid})], [])
+                want, words = f"{dim} {new['options'][dim]}", payment_words(method)
+                action = {"order_id": oid, "item_ids": [item["item_id"]], "new_item_ids": [new_id],
+                          "payment_method_id": pid}
+                return ({"kind": kind, "order_id": oid, "items": [describe(item)], "want": want, "payment": words},
+                        f"exchange the {describe(item)} from order {oid} for the same item with {want}, settling "
+                        f"any price difference with {words.replace('my ', 'your ', 1)}",
+                        [("exchange_delivered_order_items", action)], [])
     if kind == "total" and user["orders"]:
         oid = rng.choice(user["orders"])
         total = f"{mine[oid]['payment_history'][0]['amount']:.2f}"
@@ -490,8 +500,9 @@ def make_task(rng, db: dict, uid: str, task_id: str):
         requests += [second] if second else []
     user = db["users"][uid]
     first_name, last_name = user["name"]["first_name"], user["name"]["last_name"]
-    same = [u for u in db["users"].values() if (u["name"], u["address"]["zip"]) == (user["name"], user["address"]["zip"])]
-    by_email = rng.random() < 0.6 or len(same) > 1  # name and zip must point at one customer
+    key = (user["name"], user["address"]["zip"])
+    twins = [u for u in db["users"].values() if (u["name"], u["address"]["zip"]) == key]
+    by_email = rng.random() < 0.6 or len(twins) > 1  # a name and zip code must point at one customer
     who = (f"Your email is {user['email']}." if by_email else
            f"You do not remember your email; you can give your name and your zip code, {user['address']['zip']}.")
     instruction = (f"You are {first_name} {last_name}, a customer of an online store. {who} You want to "
@@ -500,9 +511,9 @@ def make_task(rng, db: dict, uid: str, task_id: str):
     customer = {"first_name": first_name, "last_name": last_name, "email": user["email"],
                 "zip": user["address"]["zip"], "identify_by": "email" if by_email else "name_zip",
                 "requests": [r[0] for r in requests], "outputs": [o for r in requests for o in r[3]]}
+    actions = [{"name": n, "arguments": a} for r in requests for n, a in r[2]]
     return {"id": task_id, "db_seed": DB_SEED, "db_sha": db_fingerprint(DB_SEED), "user_id": uid,
-            "instruction": instruction, "customer": customer,
-            "actions": [{"name": n, "arguments": a} for r in requests for n, a in r[2]], "outputs": customer["outputs"]}
+            "instruction": instruction, "customer": customer, "actions": actions, "outputs": customer["outputs"]}
 
 
 def generate(split: str) -> list:
@@ -600,13 +611,19 @@ def customer_rule(customer: dict, history: list) -> str:
 
 
 def _restate(r: dict) -> str:
-    return {"cancel": lambda: f"please cancel order {r['order_id']}, reason: {r['reason']}.",
-            "order_address": lambda: f"please ship order {r['order_id']} to {_flat(r['address'])}.",
-            "user_address": lambda: f"please change my account's default address to {_flat(r['address'])}.",
-            "return": lambda: f"I want to return {'; '.join(r['items'])} from order {r['order_id']}, refund to {r['refund']}.",
-            "exchange": lambda: f"I want to exchange the {r['items'][0]} from order {r['order_id']} for the same item "
-                                f"with {r['want']}; use {r['payment']} for any difference.",
-            "total": lambda: f"how much did I pay in total for order {r['order_id']}?"}[r["kind"]]()
+    kind, oid = r["kind"], r.get("order_id")
+    if kind == "cancel":
+        return f"please cancel order {oid}, reason: {r['reason']}."
+    if kind == "order_address":
+        return f"please ship order {oid} to {_flat(r['address'])}."
+    if kind == "user_address":
+        return f"please change my account's default address to {_flat(r['address'])}."
+    if kind == "return":
+        return f"I want to return {'; '.join(r['items'])} from order {oid}, refund to {r['refund']}."
+    if kind == "exchange":
+        return (f"I want to exchange the {r['items'][0]} from order {oid} for the same item with {r['want']}; "
+                f"use {r['payment']} for any difference.")
+    return f"how much did I pay in total for order {oid}?"
 
 
 ROLES = {"tau.customer": customer_rule}

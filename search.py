@@ -113,11 +113,11 @@ def articles(world: dict) -> list:
                      f"a country whose capital is {c['capital']}. Its currency is the {c['currency']}."})
     for r in world["rivers"]:
         through = [t["name"] for t in world["towns"] if t["river"] == r]
-        text = f"The {r} River is a river" + (f" that flows through {_join(through)}." if through else " with no town on its banks.")
-        docs.append({"title": f"{r} River", "text": text})
+        banks = f"flows through {_join(through)}." if through else "has no town on its banks."
+        docs.append({"title": f"{r} River", "text": f"The {r} River is a river that {banks}"})
     for t in world["towns"]:
-        docs.append({"title": t["name"], "text": f"{t['name']} is a town in {t['country']} on the {t['river']} River. "
-                     f"It was founded in {t['founded']} and is known for its {t['known_for']}."})
+        docs.append({"title": t["name"], "text": f"{t['name']} is a town in {t['country']} on the {t['river']} "
+                     f"River. It was founded in {t['founded']} and is known for its {t['known_for']}."})
     for p in world["people"]:
         text = f"{p['name']} was {_a(p['job'])}, born in {p['born']} in {p['town']}."
         if p["mentor"]:
@@ -128,10 +128,11 @@ def articles(world: dict) -> list:
             text += f" {p['name']} is remembered for {_join(p['works'])}."
         docs.append({"title": p["name"], "text": text})
     for o in world["orgs"]:
-        docs.append({"title": o["name"], "text": f"{o['name']} is {_a(o['industry'])} company founded in {o['founded']} "
-                     f"by {o['founder']}. Its headquarters are in {o['town']}."})
+        docs.append({"title": o["name"], "text": f"{o['name']} is {_a(o['industry'])} company founded in "
+                     f"{o['founded']} by {o['founder']}. Its headquarters are in {o['town']}."})
     for w in world["works"]:
-        docs.append({"title": w["title"], "text": f"{w['title']} is {_a(w['kind'])} by {w['creator']}, completed in {w['year']}."})
+        docs.append({"title": w["title"],
+                     "text": f"{w['title']} is {_a(w['kind'])} by {w['creator']}, completed in {w['year']}."})
     return docs
 
 
@@ -193,8 +194,8 @@ def questions(world: dict, rng, n: int, corpus: str, first_id: int) -> list:
     rng.shuffle(candidates)
     if len(candidates) < n:
         raise RuntimeError(f"only {len(candidates)} questions in this world, {n} asked for")
-    return [{"id": f"search-{first_id + i:04d}", "question": q, "answer": a, "aliases": al, "corpus": corpus, "hops": h}
-            for i, (q, a, al, h) in enumerate(candidates[:n])]
+    return [{"id": f"search-{first_id + i:04d}", "question": q, "answer": a, "aliases": al, "corpus": corpus,
+             "hops": h} for i, (q, a, al, h) in enumerate(candidates[:n])]
 
 
 def generate(split: str) -> tuple:
@@ -329,7 +330,8 @@ class SerperSearch:
         out = []
         box = body.get("answerBox")
         if isinstance(box, dict) and (box.get("answer") or box.get("snippet")):
-            out.append({"title": str(box.get("title") or "Answer box"), "snippet": str(box.get("answer") or box["snippet"])})
+            out.append({"title": str(box.get("title") or "Answer box"),
+                        "snippet": str(box.get("answer") or box["snippet"])})
         for item in body.get("organic") or []:
             out.append({"title": str(item.get("title", "")), "snippet": str(item.get("snippet", ""))})
         return out[:self.k]

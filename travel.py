@@ -148,16 +148,19 @@ CATALOGUE = {
              "Mornings are rough for me; I really don't want to be taking off before nine.",
              ("depart", "departure", "leave", "take off", "morning", "early")),
         Pref("day_start", "depart", "le", "13:00", "The flight departs at 13:00 or earlier.",
-             "I want most of the day still ahead of me when I get going, so nothing that takes off after one in the afternoon.",
+             "I want most of the day still ahead of me when I get going, so nothing that takes off after one in "
+             "the afternoon.",
              ("depart", "departure", "leave", "take off", "afternoon")),
         Pref("arrive_by", "arrive", "le", "19:00", "The flight lands by 19:00.",
-             "A friend is picking me up and has to be gone by seven in the evening, so I need to be on the ground by then.",
+             "A friend is picking me up and has to be gone by seven in the evening, so I need to be on the ground "
+             "by then.",
              ("arrive", "arrival", "land", "landing", "get in")),
         Pref("nonstop", "stops", "eq", 0, "The flight is nonstop.",
              "Changing planes stresses me out terribly; I want to board once and get off where I'm going.",
              ("nonstop", "non-stop", "direct", "stop", "layover", "connection", "connecting", "change planes")),
         Pref("checked_bag", "bags", "ge", 1, "At least one checked bag is included.",
-             "I'm hauling a suitcase full of gifts, far too much for the cabin, and I don't want to pay extra at the counter.",
+             "I'm hauling a suitcase full of gifts, far too much for the cabin, and I don't want to pay extra at "
+             "the counter.",
              ("bag", "baggage", "luggage", "suitcase", "checked")),
         Pref("wifi", "wifi", "eq", True, "The flight has wifi.",
              "I'm on a deadline, so I have to stay online and keep working while I'm in the air.",
@@ -341,47 +344,38 @@ def _preferences(rng, aspect: str, k: int) -> list:
     return out
 
 
-def _prices(rng, lo, hi, n_correct, cheap_wrong, n_other):
-    """Distinct integer prices: the best, the other correct ones above it, `cheap_wrong` wrong ones below it."""
-    used = set()
-
-    def draw(a, b):
-        while True:
-            p = rng.randint(a, b)
-            if p not in used:
-                used.add(p)
-                return p
-
-    best = draw(lo + (hi - lo) // 4, lo + (hi - lo) // 2)
-    correct = [best] + [draw(best + 1, hi) for _ in range(n_correct - 1)]
-    return correct, [draw(lo, best - 1) for _ in range(cheap_wrong)], [draw(lo, hi) for _ in range(n_other)]
-
-
 def make_aspect(rng, aspect: str, arguments: dict, k: int) -> dict:
     """One aspect of a scenario: k preferences and its options with exact ground truth."""
     spec = ASPECTS[aspect]
     prefs = _preferences(rng, aspect, k)
     correct = [_draw(rng, spec.sample, lambda o: not misses(prefs, o)) for _ in range(rng.randint(2, 3))]
-    # near misses: each preference is the only one failed by one option cheaper than the best, and maybe more
+    # Near misses fail exactly one preference. One per preference is cheaper than the best, so an agent that
+    # skips asking about any preference is lured by a cheaper option; some preferences get a second one.
     near = [(p["id"], True) for p in prefs] + [(p["id"], False) for p in prefs if rng.random() < 0.4]
     wrong = [_draw(rng, spec.sample, lambda o, i=i: misses(prefs, o) == [i]) for i, _ in near]
     noise = [_draw(rng, spec.sample, lambda o: len(misses(prefs, o)) >= min(2, k)) for _ in range(rng.randint(1, 3))]
-    cheap = sum(c for _, c in near)
-    pc, pw, po = _prices(rng, *spec.prices, len(correct), cheap, len(near) - cheap + len(noise))
-    priced_wrong = [*zip(wrong[:cheap], pw), *zip(wrong[cheap:], po)]  # `near` lists the cheap ones first
-    groups = [("correct", list(zip(correct, pc))), ("wrong", priced_wrong),
-              ("noise", list(zip(noise, po[len(near) - cheap:])))]
-    numbers = rng.sample(range(1, 100), sum(len(g) for _, g in groups))
-    options, ids = [], {"correct": [], "wrong": [], "noise": []}
-    for kind, group in groups:
-        for attrs, price in group:
-            oid = f"{spec.letter}{numbers[len(options)]}"
-            options.append({"id": oid, **attrs, "price": price})
-            ids[kind].append(oid)
-    best = ids["correct"][0]  # priced first with the lowest correct price
+    lo, hi = spec.prices
+    used = set()
+
+    def price(a, b):  # distinct integer prices, so "the cheapest" is never a tie
+        while (p := rng.randint(a, b)) in used:
+            pass
+        used.add(p)
+        return p
+
+    best = price(lo + (hi - lo) // 4, lo + (hi - lo) // 2)
+    priced = [("correct", correct[0], best)] + [("correct", o, price(best + 1, hi)) for o in correct[1:]]
+    priced += [("wrong", o, price(lo, best - 1) if cheap else price(lo, hi)) for o, (_, cheap) in zip(wrong, near)]
+    priced += [("noise", o, price(lo, hi)) for o in noise]
+    numbers = rng.sample(range(1, 100), len(priced))
+    options = [{"id": f"{spec.letter}{n}", **attrs, "price": p} for n, (_, attrs, p) in zip(numbers, priced)]
+    ids = {"correct": [], "wrong": [], "noise": []}
+    for o, (kind, _, _) in zip(options, priced):
+        ids[kind].append(o["id"])
+    best_id = options[0]["id"]  # priced first, at the lowest correct price
     rng.shuffle(options)
     return {"aspect": aspect, "arguments": arguments, "preferences": prefs, "options": options,
-            "correct_ids": sorted(ids["correct"]), "best_id": best, "wrong_ids": sorted(ids["wrong"]),
+            "correct_ids": sorted(ids["correct"]), "best_id": best_id, "wrong_ids": sorted(ids["wrong"]),
             "noise_ids": sorted(ids["noise"])}
 
 
@@ -470,8 +464,9 @@ def dates_in(text: str) -> set:
     """Every (month, day) written in `text` as 2025-04-10, April 10, Apr 10th or 10 April."""
     text = text.lower()
     found = {(int(m), int(d)) for m, d in re.findall(r"\b\d{4}-(\d{1,2})-(\d{1,2})\b", text)}
-    found |= {(MONTHS.index(m) + 1, int(d)) for m, d in re.findall(MONTH_RE + r"\s+(\d{1,2})(?:st|nd|rd|th)?\b", text)}
-    found |= {(MONTHS.index(m) + 1, int(d)) for d, m in re.findall(r"\b(\d{1,2})(?:st|nd|rd|th)?\s+(?:of\s+)?" + MONTH_RE, text)}
+    day = r"(\d{1,2})(?:st|nd|rd|th)?\b"
+    found |= {(MONTHS.index(m) + 1, int(d)) for m, d in re.findall(MONTH_RE + r"\s+" + day, text)}
+    found |= {(MONTHS.index(m) + 1, int(d)) for d, m in re.findall(r"\b" + day + r"\s+(?:of\s+)?" + MONTH_RE, text)}
     return found
 
 
@@ -661,7 +656,8 @@ class TravelSession:
                 lines.append(f"{oid}: you already chose {self.chosen[aspect['aspect']][0]} for the "
                              f"{aspect['aspect']}; only one choice per aspect counts.")
             else:
-                r = BEST_REWARD if oid == aspect["best_id"] else CORRECT_REWARD if oid in aspect["correct_ids"] else 0.0
+                r = (BEST_REWARD if oid == aspect["best_id"] else
+                     CORRECT_REWARD if oid in aspect["correct_ids"] else 0.0)
                 self.chosen[aspect["aspect"]] = (oid, r)
                 # A chosen aspect's preferences are no longer up for discussion (the original removes them too).
                 self.remaining = [p for p in self.remaining if not p["id"].startswith(aspect["aspect"] + ".")]
