@@ -461,12 +461,16 @@ MONTH_RE = r"\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
 
 
 def dates_in(text: str) -> set:
-    """Every (month, day) written in `text` as 2025-04-10, April 10, Apr 10th or 10 April."""
+    """Every (month, day) written in `text` as 2025-04-10, April 10, Apr 10th, 10 April, or a range such as
+    April 10-14, April 10 to 14 or 10-14 April."""
     text = text.lower()
     found = {(int(m), int(d)) for m, d in re.findall(r"\b\d{4}-(\d{1,2})-(\d{1,2})\b", text)}
     day = r"(\d{1,2})(?:st|nd|rd|th)?\b"
-    found |= {(MONTHS.index(m) + 1, int(d)) for m, d in re.findall(MONTH_RE + r"\s+" + day, text)}
-    found |= {(MONTHS.index(m) + 1, int(d)) for d, m in re.findall(r"\b" + day + r"\s+(?:of\s+)?" + MONTH_RE, text)}
+    until = r"\s*(?:-|–|to|until|through|till)\s*"
+    for m, d, d2 in re.findall(MONTH_RE + r"\s+" + day + f"(?:{until}{day})?", text):
+        found |= {(MONTHS.index(m) + 1, int(x)) for x in (d, d2) if x}
+    for d, d2, m in re.findall(r"\b" + day + f"(?:{until}{day})?" + r"\s+(?:of\s+)?" + MONTH_RE, text):
+        found |= {(MONTHS.index(m) + 1, int(x)) for x in (d, d2) if x}
     return found
 
 
@@ -617,15 +621,16 @@ class TravelSession:
         reply = self.user.act("travel.question_judge", question_judge_messages(message, self.remaining),
                               question=message, preferences=self.remaining)
         verdict = _json_object(reply) or {}
+        kind = str(verdict.get("type", "")).strip()  # models write 2 or "2"
         pref = next((p for p in self.remaining if p["id"] == verdict.get("preference")), None)
-        if verdict.get("type") == 2 and pref is not None:
+        if kind == "2" and pref is not None:
             self.remaining.remove(pref)
             self.quiet_turns = 0
             return self._say("reveal", message, pref["hint"]), self.preference_reward, False
         self.quiet_turns += 1
-        if verdict.get("type") in (2, 3):  # type 2 naming no preference the user holds counts as 3
+        if kind in ("2", "3"):  # type 2 naming no preference the user holds counts as 3
             obs = NO_PREFERENCE
-        elif verdict.get("type") == 4:
+        elif kind == "4":
             obs = TOO_VAGUE
         else:
             obs = self._say("chat", message)

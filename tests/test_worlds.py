@@ -147,6 +147,8 @@ def test_travel_search_rules():
         assert json.loads(travel.search_judge_rule(well_formed_query("flight", args), s.arguments))["aspect"] is None
     written = "on 2025-04-10, Apr 11th, 12 April and the 13th of april"
     assert travel.dates_in(written) == {(4, 10), (4, 11), (4, 12), (4, 13)}
+    assert travel.dates_in("May 3-7, june 1 to 4th, 8 - 9 July") == {(5, 3), (5, 7), (6, 1), (6, 4), (7, 8), (7, 9)}
+    assert travel.dates_in("summer 10, mar, 2025-13") == set()
 
 
 def test_travel_questions_and_volunteering():
@@ -194,6 +196,10 @@ def test_travel_llm_replies_are_parsed_leniently():
     for junk in ["no json here", "{broken", '{"aspect": ["x"]}', '["a"]']:
         s = travel.TravelSession(task, Fixed(junk))
         assert "No results" in s.search("q")[0]
+        assert s.talk("q")[1] == 0.0
+    pref = task["aspects"][0]["preferences"][0]["id"]
+    s = travel.TravelSession(task, Fixed(f'{{"type": "2", "preference": "{pref}"}}'))
+    assert s.talk("q")[1] == 0.8 and pref not in [p["id"] for p in s.remaining]
 
 
 # ----------------------------------------------------------------------------------------------------------
