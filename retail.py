@@ -134,7 +134,7 @@ def _base(seed: int) -> tuple:
 def fresh_db(seed: int = DB_SEED) -> dict:
     """The initial database for one episode. Its records are shared with a cached original until written:
     RetailWorld copies a user or an order before changing it, so an episode (and the reward's replay of the
-    expected actions) costs microseconds instead of a 0.5 MB deep copy, and comparing two databases only
+    expected actions) costs well under a millisecond, not a 0.5 MB deep copy, and comparing two databases only
     walks the records that differ."""
     base = _base(seed)[0]
     return {"products": base["products"], "users": dict(base["users"]), "orders": dict(base["orders"])}
@@ -603,8 +603,9 @@ def customer_rule(customer: dict, history: list) -> str:
                 f"{customer['last_name']} and my zip code is {customer['zip']}.")
     if _asks(last, ["confirm", "proceed", "go ahead", "shall i", "should i", "would you like me", "yes or no"]):
         return "Yes, please go ahead."
-    if _asks(last, ["order id", "order number", "which order"]):
-        return "It's " + " and ".join(r["order_id"] for r in reqs if "order_id" in r) + "."
+    orders = [r["order_id"] for r in reqs if "order_id" in r]
+    if orders and _asks(last, ["order id", "order number", "which order"]):
+        return "It's " + " and ".join(orders) + "."
     if _asks(last, ["reason", "why"]) and any(r["kind"] == "cancel" for r in reqs):
         return "The reason: " + next(r["reason"] for r in reqs if r["kind"] == "cancel") + "."
     return "To be clear: " + " ".join(_restate(r) for r in reqs)
