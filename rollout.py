@@ -203,19 +203,21 @@ class _Batch:
         self.slots = 0  # positions computed, holes and padding included (the cost)
         self.real = 0  # real tokens fed
 
-    def forward(self, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-        """Feed `ids` [B, L] (real where `new_mask` is 1, right-padded) after the cache; logits of the last column."""
+    def forward(self, ids: torch.Tensor, new_mask: torch.Tensor, logits: bool = True):
+        """Feed `ids` [B, L] (real where `new_mask` is 1, right-padded) after the cache; the last column's logits."""
         if self.mask.shape[0] == 0:
             self.mask = self.mask.new_zeros(ids.shape[0], 0)
             self.pos = self.pos.new_zeros(ids.shape[0])
         position_ids = self.pos[:, None] + torch.arange(ids.shape[1], device=self.device)
         self.mask = torch.cat([self.mask, new_mask], dim=1)
+        # A prefill needs no logits: an empty index list skips the lm_head (B x vocab floats per call otherwise).
+        keep = 1 if logits else torch.zeros(0, dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=position_ids, use_cache=True,
-                         logits_to_keep=1, **{self.cache_kw: self.cache})
+                         logits_to_keep=keep, **{self.cache_kw: self.cache})
         self.pos = self.pos + new_mask.sum(dim=1)
         self.slots += ids.numel()
         self.real += int(new_mask.sum())
-        return out.logits[:, -1]
+        return out.logits[:, -1] if logits else None
 
     def prefill(self, chunks: list):
         """Append one token list per row (right-padded into one batched forward); lists may be empty."""
@@ -227,7 +229,7 @@ class _Batch:
         for r, c in enumerate(chunks):
             ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
             mask[r, :len(c)] = 1
-        self.forward(ids.to(self.device), mask.to(self.device))
+        self.forward(ids.to(self.device), mask.to(self.device), logits=False)
 
     def keep(self, rows: list):
         """Keep (or repeat) the given rows in this order and move each row's real columns to the left, cutting the
@@ -349,89 +351,71 @@ def rollout(model, tokenizer, tasks, group_size: int, cfg: RolloutConfig, user=N
     object with `.complete(messages, tools) -> assistant message dict` (users.py's http client; `tokenizer` may
     then be None, and episodes carry messages and rewards but no tokens). `user` is passed to envs.make_env
     (None: the scripted user). If `stats` is a dict it receives this call's figures: time_generate (s in model
-    forwards and sampling), time_env (s of wall time in the concurrent env/user phases: the user's share of the
-    step), tokens_generated, tokens_prefill (non-sampled tokens fed), tokens_fed (all real tokens fed),
-    slots_fed (positions computed, padding and holes included), turns."""
-    from tqdm import tqdm
-
+    forwards, sampling and token bookkeeping), time_env (s of wall time in the concurrent env/user phases: where
+    simulated users spend theirs), tokens_generated, tokens_prefill (tokens fed that the policy did not just
+    sample), tokens_fed (all real tokens fed), slots_fed (positions computed, padding and holes included), turns."""
     if hasattr(model, "complete"):
         return _rollout_http(model, tasks, group_size, cfg, user, stats)
+    was_training = model.training
+    model.eval()
+    try:
+        return _rollout_local(model, tokenizer, tasks, group_size, cfg, user, stats)
+    finally:
+        model.train(was_training)
+
+
+def _rollout_local(model, tokenizer, tasks, group_size, cfg, user, stats):
+    from tqdm import tqdm
+
     episodes, env_list = _new_episodes(tasks, group_size, cfg, user)
     eos = tokenizer.eos_token_id
     stop_ids = {eos} | set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
-    stop_t = torch.tensor(sorted(stop_ids))
     wrapper = observation_wrapper(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos  # holes are masked: any id works
-    counts = {"time_generate": 0.0, "time_env": 0.0, "tokens_generated": 0, "tokens_prefill": 0, "tokens_fed": 0,
-              "turns": 0}
-    was_training = model.training
-    model.eval()
+    counts = {"time_generate": 0.0, "time_env": 0.0, "tokens_generated": 0, "tokens_prefill": 0, "turns": 0}
     batch = _Batch(model, pad_id)
-    device = batch.device
     bar = tqdm(total=cfg.max_turns, desc="rollout turns", disable=not cfg.progress, leave=False)
     with ThreadPoolExecutor(max_workers=cfg.env_workers) as pool:
         t0 = time.perf_counter()
         prompts = _reset_all(pool, episodes, env_list)
         counts["time_env"] += time.perf_counter() - t0
-        live = [i for i, ep in enumerate(episodes) if not ep.failed]
-        pending = {}  # episode -> tokens in its ids but not yet in the cache
         t0 = time.perf_counter()
+        live = [i for i, ep in enumerate(episodes) if not ep.failed]
         for i in live:
-            ids = render_ids(tokenizer, prompts[i], add_generation_prompt=True)
-            episodes[i].ids, episodes[i].loss_mask, episodes[i].logprobs = ids, [0] * len(ids), [0.0] * len(ids)
-            episodes[i].info["prompt_tokens"] = len(ids)
-        # Prefill each distinct prompt once, then copy its cache rows to every episode that shares it.
+            _append(episodes[i], render_ids(tokenizer, prompts[i], add_generation_prompt=True), 0)
+            episodes[i].info["prompt_tokens"] = len(episodes[i].ids)
+        # Prefill each distinct prompt once (minus its last token, fed by the first decode step), then copy its
+        # cache rows to every episode that shares it.
         distinct = {}
         rows = [distinct.setdefault(tuple(episodes[i].ids[:-1]), len(distinct)) for i in live]
         if live:
             batch.prefill([list(k) for k in distinct])
             batch.keep(rows)
         counts["tokens_prefill"] += sum(len(k) for k in distinct) + len(live)
-        for i in live:
-            pending[i] = episodes[i].ids[-1:]
+        pending = {i: episodes[i].ids[-1:] for i in live}  # tokens in an episode's ids but not yet in the cache
         counts["time_generate"] += time.perf_counter() - t0
 
         while live:
             t0 = time.perf_counter()
             batch.prefill([pending[i][:-1] for i in live])
-            toks, lps, n = _decode(batch, [pending[i][-1] for i in live], episodes, live, cfg, stop_t)
+            toks, lps, n = _decode(batch, [pending[i][-1] for i in live], [episodes[i] for i in live], cfg, stop_ids)
+            items, stepped = [], []
+            for r, i in enumerate(live):
+                gen = toks[r, :n[r]].tolist()
+                counts["tokens_generated"] += len(gen)
+                pending[i] = _close_turn(episodes[i], gen, lps[r, :n[r]].tolist(), eos, stop_ids, tokenizer, cfg)
+                if "end_reason" not in episodes[i].info:
+                    items.append((episodes[i], env_list[i], episodes[i].messages[-1]["content"]))
+                    stepped.append(i)
             counts["time_generate"] += time.perf_counter() - t0
             counts["turns"] += 1
-            items, item_rows = [], []
-            for r, i in enumerate(live):
-                ep = episodes[i]
-                gen, lp = toks[r, :n[r]].tolist(), lps[r, :n[r]].tolist()
-                counts["tokens_generated"] += len(gen)
-                start = len(ep.ids)
-                ep.ids += gen
-                ep.loss_mask += [1] * len(gen)
-                ep.logprobs += lp
-                pending[i] = gen[-1:]
-                stopped = gen[-1] in stop_ids
-                if gen[-1] != eos and len(ep.ids) - ep.info["prompt_tokens"] >= cfg.max_episode_tokens:
-                    ep.turn_spans.append((start, len(ep.ids)))
-                    ep.turn_rewards.append(0.0)
-                    ep.info["turns"] += 1
-                    ep.info["end_reason"] = "budget"
-                    ep.messages.append({"role": "assistant", "content": tokenizer.decode(gen, skip_special_tokens=False)})
-                    continue
-                if gen[-1] != eos:  # capped by max_new_tokens, or another stop token: close the turn as the template does
-                    ep.ids.append(eos)
-                    ep.loss_mask.append(0)
-                    ep.logprobs.append(0.0)
-                    pending[i].append(eos)
-                ep.turn_spans.append((start, len(ep.ids)))
-                text = tokenizer.decode(gen[:-1] if stopped else gen, skip_special_tokens=False)
-                ep.messages.append({"role": "assistant", "content": text})
-                items.append((ep, env_list[i], text))
-                item_rows.append(i)
 
             t0 = time.perf_counter()
             results = _step_all(pool, cfg, items)
             counts["time_env"] += time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            for i, res in zip(item_rows, results):
+            for i, res in zip(stepped, results):
                 ep = episodes[i]
                 if res is None:
                     continue
@@ -439,9 +423,7 @@ def rollout(model, tokenizer, tasks, group_size: int, cfg: RolloutConfig, user=N
                 if len(ep.ids) + len(piece) - ep.info["prompt_tokens"] >= cfg.max_episode_tokens:
                     ep.info["end_reason"] = "budget"  # no room left to generate even one token after it
                     continue
-                ep.ids += piece
-                ep.loss_mask += [0] * len(piece)
-                ep.logprobs += [0.0] * len(piece)
+                _append(ep, piece, 0)
                 pending[i] += piece
             survivors = [r for r, i in enumerate(live) if "end_reason" not in episodes[i].info]
             live = [live[r] for r in survivors]
@@ -452,25 +434,50 @@ def rollout(model, tokenizer, tasks, group_size: int, cfg: RolloutConfig, user=N
             bar.update(1)
             bar.set_postfix(live=len(live))
     bar.close()
-    model.train(was_training)
     counts["slots_fed"], counts["tokens_fed"] = batch.slots, batch.real
     if stats is not None:
         stats.update(counts)
     return episodes
 
 
+def _append(ep: Episode, ids: list, mask: int, logprobs: list | None = None):
+    ep.ids += ids
+    ep.loss_mask += [mask] * len(ids)
+    ep.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+
+
+def _close_turn(ep: Episode, gen: list, logprobs: list, eos: int, stop_ids: set, tokenizer, cfg) -> list:
+    """Record one sampled turn in `ep`; returns the tokens now in its ids but not in the cache. A turn that did
+    not end with eos is closed with one (loss_mask 0), unless the episode budget cut it: that ends the episode."""
+    start = len(ep.ids)
+    _append(ep, gen, 1, logprobs)
+    unfed = gen[-1:]  # the last sampled token was never fed back
+    ended = gen[-1] != eos and len(ep.ids) - ep.info["prompt_tokens"] >= cfg.max_episode_tokens
+    if not ended and gen[-1] != eos:
+        _append(ep, [eos], 0)
+        unfed.append(eos)
+    ep.turn_spans.append((start, len(ep.ids)))
+    text = tokenizer.decode(gen[:-1] if gen[-1] in stop_ids else gen, skip_special_tokens=False)
+    ep.messages.append({"role": "assistant", "content": text})
+    if ended:
+        ep.turn_rewards.append(0.0)
+        ep.info["turns"] += 1
+        ep.info["end_reason"] = "budget"
+    return unfed
+
+
 def _as_list(x):
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _decode(batch: _Batch, first: list, episodes, live, cfg: RolloutConfig, stop_t: torch.Tensor):
+def _decode(batch: _Batch, first: list, live: list, cfg: RolloutConfig, stop_ids: set):
     """Decode one turn for every live row: feed `first` (each row's last pending token), then sample until each
     row stops (a stop token, max_new_tokens, or the episode budget). Returns sampled tokens [B, S], their
     log-probs [B, S] and each row's count; rows that stopped feed masked holes until the longest is done."""
     device = batch.device
-    limits = torch.tensor([min(cfg.max_new_tokens, cfg.max_episode_tokens - (len(episodes[i].ids) - episodes[i].info["prompt_tokens"]))
-                           for i in live], device=device)
-    stop_t = stop_t.to(device)
+    limits = torch.tensor([min(cfg.max_new_tokens, cfg.max_episode_tokens - (len(ep.ids) - ep.info["prompt_tokens"]))
+                           for ep in live], device=device)
+    stop_t = torch.tensor(sorted(stop_ids), device=device)
     inp = torch.tensor(first, dtype=torch.long, device=device)
     active = torch.ones(len(live), dtype=torch.bool, device=device)
     count = torch.zeros(len(live), dtype=torch.long, device=device)

@@ -53,7 +53,8 @@ class Biased(torch.nn.Module):
         if self.period:
             if position_ids is None:  # a plain forward from position 0
                 position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
-            on = ((position_ids[:, -out.logits.shape[1]:] + 1) % self.period == 0).float()
+            kept = position_ids[:, position_ids.shape[1] - out.logits.shape[1]:]  # positions whose logits exist
+            on = ((kept + 1) % self.period == 0).float()
         for token, bonus in self.bias.items():
             out.logits[..., token] += bonus * on
         return out
