@@ -10,6 +10,11 @@ Plain text that starts with `[action]`, `[search]`, `[answer]` or `[finish]` is 
     env = make_env("function", task, user=None)   # user=None: the offline scripted user
     first_message = env.reset()
     observation, reward, done, info = env.step(agent_turn_text)
+    env.episode_score()                           # at the end: the number the paper's evaluation reports
+
+`make_env(..., eval_mode=True)` plays the paper's evaluation settings instead of its training settings (see Env).
+The eight gyms: function, telepathy, turtle, intention, persuade (dialogue), travel, tau, search (tool-backed,
+their worlds in travel.py, retail.py, search.py).
 
 Whatever the agent writes, `step` never raises and never executes it: a malformed turn gets an
 observation that says what was wrong, reward 0, and costs a turn.
@@ -21,6 +26,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import retail
+import search
+import travel
 import users
 from function_rules import apply_rule, compile_rule, fmt_number
 
@@ -127,7 +135,16 @@ class Env:
     `required` (task fields it needs) and `system_prompt` (with a `{max_turns}` slot), and implements
     `opening()` (start the episode: set per-episode state, return the first message) and
     `act(choice, content) -> (observation, reward, done)`. `act` may raise ActionError for a malformed
-    content and may add entries to `self.info`. A UserError from the user propagates out of `step`."""
+    content and may add entries to `self.info`. A UserError from the user propagates out of `step`.
+
+    Constructor arguments every gym takes (through `make_env(name, task, user, **overrides)`):
+    - `max_turns`: the turn limit; the turn that reaches it ends the episode (`info["truncated"]`).
+    - `eval_mode`: False plays the paper's training settings, True its evaluation settings. Where a gym's
+      two settings differ (TravelGym's search and preference rewards, whether observations show the
+      reward) it follows this switch; a gym without a difference ignores it. One switch, so a trainer
+      can pass the same value to every gym.
+    - `show_reward`: append "Reward: r" to observations; None follows `eval_mode` (the paper's training
+      shows the reward, its evaluation does not)."""
 
     name = "base"
     choices = ("action", "search", "answer")
@@ -136,23 +153,26 @@ class Env:
     original_files = ()
     """names of the original UserRL data files that `load_original` reads"""
 
-    def __init__(self, task: dict, user=None, max_turns: int = 16, show_reward: bool = True):
+    def __init__(self, task: dict, user=None, max_turns: int = 16, show_reward: bool | None = None,
+                 eval_mode: bool = False):
         missing = [k for k in self.required if k not in task]
         if missing:
             raise ValueError(f"{self.name} task {task.get('id', '?')!r}: missing field(s) {missing}")
         self.task = task
         self.user = user if user is not None else users.make_user("scripted")
         self.max_turns = max_turns
-        # The paper's training setting appends "Reward: r" to every observation; its evaluation does not.
-        self.show_reward = show_reward
+        self.eval_mode = eval_mode
+        self.show_reward = (not eval_mode) if show_reward is None else show_reward
         self.turn = 0
         self.info = {}
+        self.rewards = []  # this episode's turn rewards, for episode_score()
 
     def system(self) -> str:
         return self.system_prompt.format(max_turns=self.max_turns)
 
     def reset(self) -> str:
         self.turn = 0
+        self.rewards = []
         return self.opening()
 
     def step(self, text: str):
@@ -162,7 +182,7 @@ class Env:
             action = parse_action(text)
             self.info["choice"] = action.choice
             if action.choice == "finish":
-                obs, reward, done = "The episode is finished.", 0.0, True
+                obs, reward, done = "The episode is finished.", self.closing_reward(), True
             elif action.choice not in self.choices:
                 allowed = ", ".join(self.choices)
                 raise ActionError(f"The choice {action.choice!r} is not allowed in this task. Allowed: {allowed}.")
@@ -177,9 +197,21 @@ class Env:
             self.info["missing_tool_call"] = e.missing
         if not done and self.turn >= self.max_turns:
             done, self.info["truncated"] = True, True
+            reward += self.closing_reward()
+        self.rewards.append(float(reward))
         if self.show_reward:
             obs = f"{obs}\nReward: {round(float(reward), 4)}"
         return obs, float(reward), done, self.info
+
+    def closing_reward(self) -> float:
+        """Added to the last turn when the agent finishes (`[finish]`) or the turn limit cuts the episode off.
+        0 where rewards are paid per turn; a gym that scores the whole episode at its end (TauGym) pays here."""
+        return 0.0
+
+    def episode_score(self) -> float:
+        """The number the paper's evaluation reports for this episode: the sum of its turn rewards (TravelGym
+        overrides it). The rollout calls it when an episode ends."""
+        return float(sum(self.rewards))
 
     def fallback(self, observation: str):
         """The turn when the user's reply could not be understood: reward 0, as in the original."""
@@ -619,10 +651,245 @@ class PersuadeGym(Env):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The tool-backed gyms. Their worlds (data generators, judging, rewards, role prompts and scripted rules) live
+# in travel.py, retail.py and search.py, one Session class each; the classes here map the agent's choices
+# onto a session and add what every gym shares (the prompt, the turn limit, the original-data loader).
+
+# TravelGym: book a trip for a user whose preferences are hidden; search, ask, then choose one option per aspect.
+
+TRAVEL_PROMPT = """You are a travel assistant booking a trip for a user. Their first message says what they need (for example a flight and a hotel) but not what matters to them: each part of the trip comes with preferences they have not told you. For every part, find the cheapest option that meets all of their preferences.
+
+Call interact_with_env with one of these choices:
+- search: query the booking database for ONE part of the trip and state all of its details, e.g. "flight from Boston to Denver on April 10" or "hotel in Denver from April 10 to April 14". You get every option for that part, one JSON object per line. Searching the same part again gives nothing new; when the database reports a problem, simply search again.
+- action: say something to the user. Ask one concrete question at a time about a specific feature (departure time, stops, breakfast, parking...); vague questions such as "any preferences?" get you nowhere. The user tends to hint at a preference rather than state it, so read the replies carefully.
+- answer: recommend option ids, e.g. "F12" or "F12, H3". Only your first choice for each part of the trip counts, and it closes that part. The task ends when every part has a choice.
+Search first, then ask about the features that set the options apart, then choose.""" + FOOTER
+
+# (search reward, preference reward) by eval_mode: the paper trains with 0.0 / 0.8 and evaluates with 0.2 / 0.6.
+TRAVEL_REWARDS = {False: (0.0, 0.8), True: (0.2, 0.6)}
+# The original ships one file per structure (digits = preferences per aspect) and names the car "rental_car".
+TRAVEL_STRUCTURES = ("22", "33", "44", "233", "333", "334", "444", "2222")
+ORIGINAL_ASPECTS = {"flight": "flight", "hotel": "hotel", "apartment": "apartment", "rental_car": "car",
+                    "restaurant": "restaurant"}
+BUDGET_NOTE = "Money is tight, so for each of these I'd like the cheapest option that still suits me."
+
+
+class TravelGym(Env):
+    name = "travel"
+    choices = ("search", "action", "answer")
+    required = ("request", "aspects")
+    system_prompt = TRAVEL_PROMPT
+    original_files = tuple(f"travelgym_data_{s}.json" for s in TRAVEL_STRUCTURES)
+
+    def __init__(self, task, user=None, search_reward: float | None = None, preference_reward: float | None = None,
+                 **kwargs):
+        super().__init__(task, user, **kwargs)
+        train_or_eval = TRAVEL_REWARDS[bool(self.eval_mode)]
+        self.search_reward = train_or_eval[0] if search_reward is None else search_reward
+        self.preference_reward = train_or_eval[1] if preference_reward is None else preference_reward
+        self.session = self._session()  # here too, so that episode_score() is defined before reset()
+
+    def _session(self):
+        return travel.TravelSession(self.task, self.user, search_reward=self.search_reward,
+                                    preference_reward=self.preference_reward)
+
+    def opening(self):
+        self.session = self._session()
+        return self.task["request"]
+
+    def act(self, choice, content):
+        s = self.session
+        return {"search": s.search, "action": s.talk, "answer": s.answer}[choice](content)
+
+    def episode_score(self):
+        # The paper reports, per aspect, the reward of the option chosen (best 1, correct 0.8), averaged over
+        # aspects: searches and elicited preferences earn turn rewards but are not part of the score.
+        return self.session.score()
+
+    @classmethod
+    def load_original(cls, data_dir, split):
+        """Every `travelgym_data_<structure>.json` in `data_dir`, each split 85 / 15 as the original's
+        preprocessing does (a seeded shuffle per file: the same proportions, not the same rows)."""
+        paths = [data_dir / f for f in cls.original_files if (data_dir / f).is_file()]
+        if not paths:
+            raise FileNotFoundError(f"travel: none of {list(cls.original_files)} found in {data_dir}")
+        out = []
+        for path in paths:
+            tasks = cls.read_original(path)
+            order = list(range(len(tasks)))
+            random.Random(42).shuffle(order)
+            n_test = round(len(tasks) * 0.15)
+            out += [tasks[i] for i in sorted(order[n_test:] if split == "train" else order[:n_test])]
+        return out
+
+    @classmethod
+    def read_original(cls, path):
+        """An original file is one JSON object of scenarios keyed by id (e.g. "flight:2-37|hotel:2-9")."""
+        scenarios = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(scenarios, dict):
+            raise ValueError(f"{path}: expected a JSON object of travel scenarios keyed by id")
+        tasks = []
+        for key, record in scenarios.items():
+            try:
+                tasks.append(cls.from_original({**record, "id": key}))
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                raise ValueError(f"{path}: scenario {key!r} does not have the original travel layout ({e!r})") from None
+        return tasks
+
+    @staticmethod
+    def from_original(record):
+        """`{initial_description, dimensions, <dimension>: {preferences: [[aspect, subcategory, text, implicit
+        statement, ...]], arguments, options: {correct, wrong, noise}, correct_ids, best_id}}` as a travel task.
+        The preferences carry no keywords: with the scripted user they are only ever volunteered, so play these
+        tasks with an LLM user."""
+        aspects = []
+        for dim in record["dimensions"]:
+            d, name = record[dim], ORIGINAL_ASPECTS[dim]
+            # the original drops its annotations and shuffles the options at load time; a seed fixes our order
+            options = [{k: v for k, v in o.items() if k not in ("type", "reason")}
+                       for kind in ("correct", "wrong", "noise") for o in d["options"].get(kind, [])]
+            random.Random(f"{record['id']}/{dim}").shuffle(options)
+            ids = [o["id"] for o in options]
+            if not all(isinstance(i, str) for i in ids) or d["best_id"] not in ids or not set(d["correct_ids"]) <= set(ids):
+                raise ValueError(f"{dim}: best_id and correct_ids must be ids of its options")
+            prefs = [{"id": f"{name}.p{i}", "text": p[2], "hint": p[3], "keywords": []}
+                     for i, p in enumerate(d["preferences"], 1)]
+            if not all(isinstance(p[k], str) and p[k] for p in prefs for k in ("text", "hint")):
+                raise ValueError(f"{dim}: every preference needs its text and implicit statement")
+            # the scripted search judge matches argument values as text
+            arguments = {k: v if isinstance(v, str) else json.dumps(v) for k, v in d["arguments"].items()}
+            aspects.append({"aspect": name, "arguments": arguments, "preferences": prefs, "options": options,
+                            "correct_ids": list(d["correct_ids"]), "best_id": d["best_id"]})
+        if not aspects:
+            raise ValueError("no dimensions")
+        return {"id": record["id"], "structure": "".join(str(len(a["preferences"])) for a in aspects),
+                "request": f"{record['initial_description'].strip()} {BUDGET_NOTE}", "aspects": aspects,
+                "best_ids": [a["best_id"] for a in aspects]}
+
+
+# TauGym: customer service over a store database with tools (after tau-bench); scored once, at the end.
+
+TAU_PROMPT = """You are a customer-support agent of an online store, chatting with a customer. Help them with their request using the store's tools, and follow the store's policy.
+
+Call interact_with_env with one of these choices:
+- search: the content "tools" lists the tools and their arguments (once is enough).
+- action: send the customer a message.
+- answer: call one tool on the store's database, written as JSON: {{"name": "<tool>", "arguments": {{...}}}}. You see what it returns; a wrong call returns an error message.
+The store's policy:
+- Before you look at or change an account or its orders, identify the customer by their email, or by their first name, last name and zip code, and find their user id with a tool.
+- Act only on that customer's own account and orders.
+- Before any change (cancelling, a new address, a return or an exchange), tell the customer exactly what you are about to do and wait for their yes.
+- When the customer asks for information, such as an amount, tell it to them in a message.
+- Transfer the customer to a human agent only when the tools cannot handle the request.
+The conversation ends when the customer is satisfied or is transferred. You succeed when the store's records end up exactly as the customer wanted and they were told what they asked for.""" + FOOTER
+
+
+class TauGym(Env):
+    name = "tau"
+    choices = ("search", "action", "answer")
+    required = ("db_seed", "db_sha", "instruction", "customer", "actions", "outputs")
+    system_prompt = TAU_PROMPT
+
+    def __init__(self, task, user=None, **kwargs):
+        super().__init__(task, user, **kwargs)
+        self.session = retail.RetailSession(task, self.user)  # refuses a task written for another database
+
+    def opening(self):
+        self.session = retail.RetailSession(self.task, self.user)
+        return self.session.opening()  # the customer speaks first
+
+    def act(self, choice, content):
+        s = self.session
+        return {"search": s.tools, "action": s.talk, "answer": s.call}[choice](content)
+
+    def closing_reward(self):
+        # tau-bench scores the final database once; as in the original, [finish] and running out of turns are
+        # ends too, so they are paid the same reward (0 unless the records are already as they should be).
+        return self.session.reward()
+
+    @classmethod
+    def load_original(cls, data_dir, split):
+        raise ValueError(
+            "tau: the original TauGym tasks (tau-bench records {id, obs, info.task{user_id, actions, instruction, "
+            "outputs}}) refer to tau-bench's own retail and airline databases and tool implementations, which this "
+            "project does not have; they cannot be loaded from data_dir. Use this project's tasks (data/tau), or "
+            "tau-bench itself.")
+
+
+# SearchGym: multi-hop questions answered with a search backend (local BM25 by default, or a web search API).
+
+SEARCH_PROMPT = """Answer the user's question. It chains several facts (for example: who founded a company, then where that person was born), so find them one at a time.
+
+Call interact_with_env with one of these choices:
+- search: a search query; you get the top results, each a title and a text. You have at most {max_searches} searches, so make every query specific.
+- answer: your answer, short: just the name, place, number or date asked for. A right answer ends the task; a wrong one costs a turn.
+Work out the chain of facts first, search for one link at a time, and answer from what the results say.""" + FOOTER
+
+
+class SearchGym(Env):
+    name = "search"
+    choices = ("search", "answer")
+    required = ("question", "answer", "aliases")
+    system_prompt = SEARCH_PROMPT
+    original_files = ("questions.json",)
+
+    def __init__(self, task, user=None, backend="local", backend_options: dict | None = None,
+                 max_searches: int = 5, **kwargs):
+        """`backend`: "local" (BM25 over the task's own corpus), "serper" (a web search API; `backend_options`
+        go to search.SerperSearch, e.g. url, api_key_env), or any object with `search(query)`."""
+        super().__init__(task, user, **kwargs)
+        if isinstance(backend, str):
+            options = dict(backend_options or {})
+            if backend == "local":
+                if not task.get("corpus"):
+                    raise ValueError(f"search task {task.get('id', '?')!r} has no local corpus (original Bamboogle "
+                                     "questions are answered from the web): use backend='serper'")
+                options["corpus"] = task["corpus"]
+            backend = search.make_backend(backend, **options)
+        self.backend, self.max_searches = backend, max_searches
+        self.session = self._session()
+
+    def _session(self):
+        return search.SearchSession(self.task, self.user, backend=self.backend, max_searches=self.max_searches)
+
+    def system(self):
+        return self.system_prompt.format(max_turns=self.max_turns, max_searches=self.max_searches)
+
+    def opening(self):
+        self.session = self._session()
+        return f"{self.task['question']}\nPlease look it up step by step and tell me the answer."
+
+    def act(self, choice, content):
+        return self.session.search(content) if choice == "search" else self.session.answer(content)
+
+    @classmethod
+    def load_original(cls, data_dir, split):
+        """The original's SearchGym is evaluation only: the Bamboogle records of `questions.json`
+        (`{id: "Bamboogle-N", question, answer}`) are all test tasks. They are answered from the web, so they play
+        with backend="serper" only."""
+        if split != "test":
+            raise ValueError("search: the original SearchGym data (Bamboogle) is for evaluation only; it has no train split")
+        path = data_dir / cls.original_files[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"search: {path} not found")
+        tasks = [t for t in cls.read_original(path) if t["id"].lower().startswith("bamboogle")]
+        if not tasks:
+            raise ValueError(f"{path}: no Bamboogle records (ids such as 'Bamboogle-1')")
+        return tasks
+
+    @staticmethod
+    def from_original(record):
+        if not isinstance(record["question"], str):
+            raise ValueError("question must be a string")
+        return {"id": str(record["id"]), "question": record["question"], "answer": str(record["answer"]), "aliases": []}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Registry and task data. A new gym is one class above and one line here.
 
 GYMS: dict = {"function": FunctionGym, "telepathy": TelepathyGym, "turtle": TurtleGym,
-              "intention": IntentionGym, "persuade": PersuadeGym}
+              "intention": IntentionGym, "persuade": PersuadeGym, "travel": TravelGym, "tau": TauGym,
+              "search": SearchGym}
 
 
 def load_tasks(name: str, split: str = "train", data_dir: str | None = None) -> list[dict]:

@@ -8,6 +8,7 @@ persuade) it calls
 `messages` is the role's prompt (written in envs.py, next to the gym). An LLM backend answers it; the
 scripted backend ignores it and applies the deterministic rule registered for `role` in ROLES to `facts`,
 returning text in the same format the prompt asks the LLM for, so both go through the gym's same parser.
+The tool-backed gyms keep their roles' prompts and rules next to their worlds (travel.py, retail.py, search.py).
 
     user = make_user("scripted")                                         # offline: rules, for tests and demos
     user = make_user("http", base_url="http://localhost:8000/v1",        # vLLM / SGLang / OpenAI
@@ -29,6 +30,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import requests
+
+import retail
+import search
+import travel
 
 
 class UserError(RuntimeError):
@@ -182,6 +187,8 @@ ROLES = {
     "intention.evaluator": intention_evaluator,
     "persuade.persuadee": persuade_persuadee,
 }
+# The tool-backed gyms keep their roles' rules next to their worlds.
+ROLES.update({**travel.ROLES, **retail.ROLES, **search.ROLES})
 
 
 class ScriptedUser:

@@ -9,10 +9,13 @@ import pytest
 
 import envs
 import function_rules as fr
+import search
+import travel
 import users
 
 TESTS_DATA = Path(__file__).resolve().parent / "data"
 FIVE = ("function", "telepathy", "turtle", "intention", "persuade")
+EIGHT = FIVE + ("travel", "tau", "search")
 
 FUNC = {"id": "f", "rule": "(b * c) - a + d", "test_case": [3, 7, 2, 5], "expected_result": 16.0}
 TELE = {"id": "t", "category": "animal", "entity": "giraffe", "synonyms": ["camelopard"], "description": "A tall mammal.",
@@ -33,6 +36,12 @@ PERSUADE = {"id": "p", "claim": "Homework should be banned.", "argument": "Kids 
             "counterpoints": [{"point": "Reading at home helps literacy.", "keywords": ["reading"]},
                               {"point": "It builds habits.", "keywords": ["habits"]},
                               {"point": "Limit it instead of a ban.", "keywords": ["limit"]}]}
+# The tool-backed gyms' tasks are generated with exact ground truth: take them from the shipped test files.
+TRAVEL = envs.load_tasks("travel", "test")[0]
+TAU = next(t for t in envs.load_tasks("tau", "test") if t["actions"])  # a task that needs a write
+SEARCH = envs.load_tasks("search", "test")[0]
+TASKS = {"function": FUNC, "telepathy": TELE, "turtle": TURTLE, "intention": INTENT, "persuade": PERSUADE,
+         "travel": TRAVEL, "tau": TAU, "search": SEARCH}
 
 
 def play(env, turns):
@@ -50,16 +59,17 @@ def total(steps):
     return sum(r for _, r, _, _ in steps)
 
 
-def test_registry_lists_the_five_gyms_and_each_prompt_is_complete():
-    assert set(FIVE) <= set(envs.GYMS)
-    tasks = {"function": FUNC, "telepathy": TELE, "turtle": TURTLE, "intention": INTENT, "persuade": PERSUADE}
-    for name in FIVE:
-        env = envs.make_env(name, tasks[name], max_turns=7)
-        prompt = env.system()
-        assert "7 turns" in prompt and "<think>" in prompt
-        for choice in env.choices:
-            assert f"- {choice}:" in prompt, (name, choice)
-        assert isinstance(env.reset(), str) and env.reset()
+def test_registry_lists_the_eight_gyms_and_each_prompt_is_complete():
+    assert sorted(envs.GYMS) == sorted(EIGHT)
+    for name in EIGHT:
+        for eval_mode in (False, True):  # every gym takes the switch, whether or not its settings differ
+            env = envs.make_env(name, TASKS[name], max_turns=7, eval_mode=eval_mode)
+            prompt = env.system()
+            assert "7 turns" in prompt and "<think>" in prompt and "{max" not in prompt, name
+            for choice in env.choices:
+                assert f"- {choice}:" in prompt, (name, choice)
+            assert isinstance(env.reset(), str) and env.reset()
+    assert "at most 2 searches" in envs.make_env("search", SEARCH, max_searches=2).system()
 
 
 def test_unknown_gym_missing_fields_and_bad_override_are_clear_errors():

@@ -42,9 +42,10 @@ def test_keyword_matching_is_whole_word_and_longest_match_wins():
 def test_scripted_roles_and_errors():
     user = users.make_user("scripted")
     assert {"telepathy.answerer", "telepathy.judge", "turtle.host", "turtle.judge", "intention.user",
-            "intention.evaluator", "persuade.persuadee"} <= set(users.ROLES)
-    with pytest.raises(KeyError, match="travel.user"):
-        user.act("travel.user", [])
+            "intention.evaluator", "persuade.persuadee", "travel.search_judge", "travel.question_judge",
+            "travel.user", "tau.customer", "search.judge"} <= set(users.ROLES)
+    with pytest.raises(KeyError, match="weather.oracle"):
+        user.act("weather.oracle", [])
     with pytest.raises(users.UserError, match="act"):
         user.reply([{"role": "user", "content": "hi"}])
     assert users.criterion_score("a ship sank", [["ship", "boat"], ["sank"], ["storm"]]) == 0.5
