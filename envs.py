@@ -725,7 +725,10 @@ class TravelGym(Env):
     @classmethod
     def read_original(cls, path):
         """An original file is one JSON object of scenarios keyed by id (e.g. "flight:2-37|hotel:2-9")."""
-        scenarios = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            scenarios = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(scenarios, dict):
             raise ValueError(f"{path}: expected a JSON object of travel scenarios keyed by id")
         tasks = []

@@ -3,6 +3,8 @@ test that no agent text can crash a gym or run code."""
 import json
 import random
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -198,11 +200,17 @@ def test_persuade_rewards_stance_moves_toward_disagreement():
     assert envs.stance_reward(3, 1) == 0 and envs.stance_reward(1, 3) == pytest.approx(2 / 6)
 
 
-@pytest.mark.parametrize("gym", ["function", "telepathy", "turtle", "intention", "persuade"])
+@pytest.mark.parametrize("gym", EIGHT)
 def test_every_task_file_plays_to_a_reward_with_a_good_policy(gym):
     """The project's data and the scripted rules agree: a policy that knows the task earns reward on every task."""
     for split in ("train", "test"):
         for task in envs.load_tasks(gym, split):
+            if gym in ("travel", "tau", "search"):
+                env = envs.make_env(gym, task)
+                steps = play(env, {"travel": travel_turns, "tau": tau_turns, "search": search_turns}[gym](task))
+                assert steps[-1][2] and not steps[-1][3].get("truncated"), (gym, task["id"])
+                assert total(steps) > 0 and env.episode_score() == 1.0, (gym, task["id"])
+                continue
             if gym == "function":
                 turns = ["[search] test", f"[answer] {task['expected_result']}"]
             elif gym == "telepathy":
@@ -291,6 +299,244 @@ def test_role_prompts_carry_the_hidden_facts_only_where_the_original_does():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The tool-backed gyms with the scripted user (their worlds' own mechanics are tested in test_worlds.py)
+
+
+def travel_turns(task, good=True):
+    """Search every aspect with all its details, ask about every preference (good), choose one id per aspect:
+    the best (good) or one that misses a preference (bad). At most 4 aspects, so no search fails on purpose."""
+    turns = []
+    for a in task["aspects"]:
+        args = {k: v if k in ("origin", "destination", "city") else travel.pretty_date(v) for k, v in a["arguments"].items()}
+        turns.append("[search] " + {"flight": "flight from {origin} to {destination} on {date}",
+                                    "hotel": "hotel in {city} from {check_in} to {check_out}",
+                                    "apartment": "apartment in {city} from {check_in} to {check_out}",
+                                    "car": "rental car in {city} from {pickup_date} to {return_date}",
+                                    "restaurant": "restaurant in {city} on {date}"}[a["aspect"]].format(**args))
+        if good:
+            turns += [f"[action] For the {a['aspect']}, how do you feel about {p['keywords'][0]}?" for p in a["preferences"]]
+    return turns + ["[answer] " + ", ".join(a["best_id"] if good else a["wrong_ids"][0] for a in task["aspects"])]
+
+
+def tool_call(name, **arguments):
+    return "[answer] " + json.dumps({"name": name, "arguments": arguments})
+
+
+def tau_turns(task, act=True, report=True):
+    """Identify the customer, perform the task's expected actions (`act`), then tell the customer it is done."""
+    c = task["customer"]
+    turns = ["[action] Could you give me your email, or your name and zip code, so I can verify your identity?"]
+    if c["identify_by"] == "email":
+        turns.append(tool_call("find_user_id_by_email", email=c["email"]))
+    else:
+        turns.append(tool_call("find_user_id_by_name_zip", first_name=c["first_name"], last_name=c["last_name"], zip=c["zip"]))
+    turns += [tool_call(a["name"], **a["arguments"]) for a in task["actions"]] if act else []
+    keys = [r.get("order_id") or "address" for r in c["requests"]]
+    said = f"You paid {task['outputs'][0]} in total." if task["outputs"] else f"{' and '.join(keys)}: done successfully."
+    return turns + ([f"[action] {said}"] if report else [])
+
+
+def search_turns(task):
+    return [f"[search] {hop}" for hop in task["hops"]] + [f"[answer] {task['answer']}"]
+
+
+def test_travel_episode_good_and_bad_policy_in_training_and_evaluation_settings():
+    def expected(search_reward, preference_reward):  # per aspect a search, then one question per preference
+        return [r for a in TRAVEL["aspects"] for r in [search_reward] + [preference_reward] * len(a["preferences"])]
+
+    n = len(TRAVEL["aspects"])
+    env = envs.make_env("travel", TRAVEL)
+    assert env.reset() == TRAVEL["request"]
+    steps = play(env, travel_turns(TRAVEL))
+    assert [r for _, r, _, _ in steps] == expected(0.0, 0.8) + [n]  # the paper's training rewards
+    assert steps[-1][2] and env.episode_score() == 1.0 and steps[0][0].endswith("Reward: 0.0")
+    ev = envs.make_env("travel", TRAVEL, eval_mode=True)
+    steps = play(ev, travel_turns(TRAVEL))
+    assert [r for _, r, _, _ in steps] == pytest.approx(expected(0.2, 0.6) + [n])  # its evaluation rewards
+    assert ev.episode_score() == 1.0 and "Reward" not in steps[0][0]  # and no reward line in evaluation
+    assert envs.make_env("travel", TRAVEL, eval_mode=True, preference_reward=0.5).preference_reward == 0.5
+    bad = envs.make_env("travel", TRAVEL)
+    assert total(play(bad, travel_turns(TRAVEL, good=False))) == 0 and bad.episode_score() == 0
+    second = envs.make_env("travel", TRAVEL)
+    play(second, [f"[answer] {[i for i in a['correct_ids'] if i != a['best_id']][0]}" for a in TRAVEL["aspects"]])
+    assert second.episode_score() == pytest.approx(0.8)  # correct but not the cheapest, in every aspect
+    obs, r, done, info = envs.make_env("travel", TRAVEL).step("[answer] the cheap hotel")
+    assert "not an option id" in obs and r == 0 and not done
+
+
+def test_tau_episode_pays_the_tau_reward_at_every_kind_of_end():
+    env = envs.make_env("tau", TAU)
+    assert env.reset().startswith("Hi")  # the customer opens
+    steps = play(env, ["[search] tools"] + tau_turns(TAU))
+    assert "find_user_id_by_email" in steps[0][0] and steps[-1][2] and not steps[-1][3].get("truncated")
+    assert [r for _, r, _, _ in steps] == [0.0] * (len(steps) - 1) + [1.0] and env.episode_score() == 1.0
+    claims = envs.make_env("tau", TAU)  # says it is done without doing it: the customer leaves, reward 0
+    assert total(play(claims, tau_turns(TAU, act=False))) == 0 and claims.episode_score() == 0
+    # The turn limit and [finish] end an episode too; like the original, they are paid the final tau reward.
+    turns = tau_turns(TAU, report=False)
+    cut = play(envs.make_env("tau", TAU, max_turns=len(turns) + 2), turns + ["[search] tools"] * 5)
+    assert cut[-1][3]["truncated"] and [r for _, r, _, _ in cut][-3:] == [0.0, 0.0, 1.0]
+    finished = play(envs.make_env("tau", TAU), turns + ["[finish]"])
+    assert finished[-1][2] and finished[-1][1] == 1.0
+    assert total(play(envs.make_env("tau", TAU, max_turns=3), ["[finish]"])) == 0  # nothing done: 0
+    idle = play(envs.make_env("tau", TAU, max_turns=3), ["[search] tools"] * 5)
+    assert total(idle) == 0 and idle[-1][3]["truncated"]
+    obs, r, done, _ = envs.make_env("tau", TAU).step('[answer] {"name": "drop_all_tables", "arguments": {}}')
+    assert obs.startswith("Error: unknown tool") and r == 0 and not done
+    with pytest.raises(ValueError, match="different database"):
+        envs.make_env("tau", {**TAU, "db_sha": "0000"})
+
+
+def test_search_episode_limits_and_backends(monkeypatch):
+    env = envs.make_env("search", SEARCH)
+    assert env.reset().startswith(SEARCH["question"])
+    steps = play(env, search_turns(SEARCH))
+    assert steps[0][0].startswith("1. ") and [r for _, r, _, _ in steps][-1] == 1.0 and env.episode_score() == 1.0
+    bad = play(envs.make_env("search", SEARCH, max_turns=4), [f"[answer] {SEARCH['answer']} or Paris"] * 9)
+    assert total(bad) == 0 and bad[-1][3]["truncated"]
+    few = play(envs.make_env("search", SEARCH, max_searches=2), ["[search] a", "[search] b", "[search] c"])
+    assert "used all 2 searches" in few[-1][0]
+    assert "not allowed" in envs.make_env("search", SEARCH).step("[action] what do you think?")[0]
+
+    class Canned:  # any object with search(query) is a backend
+        def search(self, query):
+            return [{"title": "Almanac", "snippet": f"About {query}: the answer is {SEARCH['answer']}."}]
+
+    steps = play(envs.make_env("search", SEARCH, backend=Canned()), ["[search] who?", f"[answer] {SEARCH['answer']}"])
+    assert steps[0][0].startswith("1. Almanac\nAbout who?") and steps[-1][1] == 1.0
+    monkeypatch.delenv("NO_SERPER_KEY", raising=False)
+    with pytest.raises(ValueError, match="NO_SERPER_KEY"):
+        envs.make_env("search", SEARCH, backend="serper", backend_options={"api_key_env": "NO_SERPER_KEY"})
+    with pytest.raises(ValueError, match="unknown search backend"):
+        envs.make_env("search", SEARCH, backend="bing")
+
+
+def test_search_gym_queries_a_web_search_api_on_loopback(monkeypatch):
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append((self.headers.get("X-API-KEY"), json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            data = json.dumps({"organic": [{"title": "Web page", "snippet": "A snippet from the web."}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        monkeypatch.setenv("TEST_SERPER_KEY", "k-123")
+        env = envs.make_env("search", SEARCH, backend="serper", backend_options={
+            "url": f"http://127.0.0.1:{server.server_port}/search", "api_key_env": "TEST_SERPER_KEY"})
+        env.reset()
+        obs, r, done, _ = env.step("[search] river towns")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert obs.startswith("1. Web page\nA snippet from the web.") and seen == [("k-123", {"q": "river towns", "num": 5})]
+
+
+def test_episode_score_is_the_sum_of_turn_rewards_per_episode_and_eval_mode_hides_the_reward():
+    env = envs.make_env("intention", INTENT)
+    assert env.episode_score() == 0.0
+    play(env, ["[action] Which language?", "[action] Which formats, and do you want a backup?"])
+    assert env.episode_score() == pytest.approx(1.5)  # intention's sum can exceed 1, as in the paper
+    play(env, ["[action] Which language?"])  # reset starts a new episode
+    assert env.episode_score() == pytest.approx(0.7)
+    assert "Reward" not in envs.make_env("function", FUNC, eval_mode=True).step("[search] test")[0]
+    assert "Reward: 0.0" in envs.make_env("function", FUNC, eval_mode=True, show_reward=True).step("[search] test")[0]
+    assert "Reward" not in envs.make_env("function", FUNC, show_reward=False).step("[search] test")[0]
+
+
+def test_tool_backed_task_files_and_their_sizes():
+    sizes = {g: tuple(len(envs.load_tasks(g, split)) for split in ("train", "test")) for g in ("travel", "tau", "search")}
+    assert sizes == {"travel": (300, 100), "tau": (150, 50), "search": (200, 80)}
+    for gym in ("travel", "tau", "search"):
+        train, test = (envs.load_tasks(gym, split) for split in ("train", "test"))
+        assert not {t["id"] for t in train} & {t["id"] for t in test}
+        for task in train[:3] + test[:3]:
+            envs.make_env(gym, task)  # every required field is there
+
+
+# Original UserRL data for the tool-backed gyms. The travel layout follows the original's preprocessing (one
+# object of scenarios per structure file, per dimension: preferences, arguments, options by kind, ids).
+
+def original_travel_scenario(i):
+    def option(oid, kind, price):
+        return {"id": oid, "price": price, "type": kind, "reason": "annotation the agent must not see"}
+
+    return {"scenario": "A weekend in Rome.", "initial_description": "I need a flight from Oslo to Rome on 2025-05-02 "
+            "and a rental car in Rome that day.", "dimensions": ["flight", "rental_car"], "wanted_num": "22",
+            "flight": {"preferences": [["flight", "time", "Departs after 9.", "Mornings are hard for me.", "extra"],
+                                       ["flight", "stops", "Nonstop.", "I hate changing planes."]],
+                       "arguments": {"origin": "Oslo", "destination": "Rome", "date": "2025-05-02"},
+                       "options": {"correct": [option("F1", "correct", 300), option("F2", "correct", 250)],
+                                   "wrong": [option(f"F{i + 3}", "wrong", 100)], "noise": [option("F99", "noise", 90)]},
+                       "correct_ids": ["F1", "F2"], "best_id": "F2"},
+            "rental_car": {"preferences": [["rental_car", "gear", "Automatic.", "I never learned to use a clutch."],
+                                           ["rental_car", "seats", "Seven seats.", "We are seven."]],
+                           "arguments": {"city": "Rome", "pickup_date": "2025-05-02", "days": 3},
+                           "options": {"correct": [option("C5", "correct", 60)], "wrong": [option("C6", "wrong", 40)],
+                                       "noise": []},
+                           "correct_ids": ["C5"], "best_id": "C5"}}
+
+
+def test_original_travel_files(tmp_path):
+    (tmp_path / "travelgym_data_22.json").write_text(json.dumps({f"flight:2-{i}|rental_car:2-{i}": original_travel_scenario(i)
+                                                                for i in range(20)}))
+    train, test = (envs.load_tasks("travel", split, data_dir=tmp_path) for split in ("train", "test"))
+    assert (len(train), len(test)) == (17, 3) and not {t["id"] for t in train} & {t["id"] for t in test}  # 85 / 15
+    task = train[0]
+    assert [a["aspect"] for a in task["aspects"]] == ["flight", "car"] and task["structure"] == "22"
+    flight = task["aspects"][0]
+    assert sorted(o["id"] for o in flight["options"])[:2] == ["F1", "F2"] and "type" not in flight["options"][0]
+    assert flight["preferences"][0]["hint"] == "Mornings are hard for me." and "cheapest" in task["request"]
+    assert task["aspects"][1]["arguments"]["days"] == "3"
+    # With the scripted user the original preferences (no keywords) are only volunteered; the gym still plays.
+    env = envs.make_env("travel", task)
+    steps = play(env, ["[search] flight from Oslo to Rome on May 2", "[action] Any news?", "[action] Nice weather.",
+                       "[action] How are you?", "[answer] F2", "[answer] C5"])
+    assert '"id":"F1"' in steps[0][0] and "mornings are hard for me" in steps[3][0]  # volunteered
+    assert steps[-1][2] and env.episode_score() == 1.0
+    broken = original_travel_scenario(0)
+    broken["flight"]["best_id"] = "F42"
+    (tmp_path / "travelgym_data_33.json").write_text(json.dumps({"flight:3-1": broken}))
+    with pytest.raises(ValueError, match="travelgym_data_33.json: scenario 'flight:3-1'.*best_id"):
+        envs.load_tasks("travel", "train", data_dir=tmp_path)
+    (tmp_path / "travelgym_data_33.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="travelgym_data_33.json: not valid JSON"):
+        envs.load_tasks("travel", "test", data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="travelgym_data_22.json"):
+        envs.load_tasks("travel", "train", data_dir=tmp_path / "nowhere")
+
+
+def test_original_tau_and_search_data(tmp_path):
+    with pytest.raises(ValueError, match="tau-bench's own retail and airline databases"):
+        envs.load_tasks("tau", "test", data_dir=tmp_path)
+    (tmp_path / "questions.json").write_text(json.dumps([
+        {"id": "Bamboogle-1", "question": "Who was the first person to walk on the moon?", "answer": "neil armstrong"},
+        {"id": "Bamboogle-2", "question": "In what year did the Berlin Wall fall?", "answer": 1989},
+        {"id": "Other-1", "question": "Not part of the paper's evaluation.", "answer": "x"}]))
+    tasks = envs.load_tasks("search", "test", data_dir=tmp_path)
+    assert [t["id"] for t in tasks] == ["Bamboogle-1", "Bamboogle-2"] and tasks[1]["answer"] == "1989"
+    with pytest.raises(ValueError, match="evaluation only"):
+        envs.load_tasks("search", "train", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="backend='serper'"):
+        envs.make_env("search", tasks[0])  # the web questions have no local corpus
+
+    class Web:
+        def search(self, query):
+            return [{"title": "Apollo 11", "snippet": "Neil Armstrong stepped onto the moon in 1969."}]
+
+    steps = play(envs.make_env("search", tasks[0], backend=Web()), ["[search] first moon walk", "[answer] Neil Armstrong."])
+    assert steps[-1][1] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Fuzz: nothing the agent writes raises or runs
 
 
@@ -318,9 +564,9 @@ def adversarial_turns(rng: random.Random, marker: Path) -> list[str]:
     return fixed + randoms
 
 
-@pytest.mark.parametrize("gym, task", [("function", FUNC), ("telepathy", TELE), ("turtle", TURTLE),
-                                       ("intention", INTENT), ("persuade", PERSUADE)])
-def test_fuzz_agent_text_never_raises_or_executes(gym, task, tmp_path):
+@pytest.mark.parametrize("gym", EIGHT)
+def test_fuzz_agent_text_never_raises_or_executes(gym, tmp_path):
+    task = TASKS[gym]
     marker = tmp_path / "pwned"
     turns = adversarial_turns(random.Random(gym), marker)
     assert len(turns) > 250
@@ -329,7 +575,8 @@ def test_fuzz_agent_text_never_raises_or_executes(gym, task, tmp_path):
     for text in turns:
         obs, reward, done, info = env.step(text)
         assert isinstance(obs, str) and isinstance(reward, float) and isinstance(done, bool) and isinstance(info, dict)
-        assert 0.0 <= reward <= 1.0
+        assert 0.0 <= reward <= (len(task["aspects"]) if gym == "travel" else 1.0)  # a travel answer may pick several
+        assert isinstance(env.episode_score(), float)
         if done:
             env = envs.make_env(gym, task)
             env.reset()
