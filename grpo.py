@@ -10,8 +10,9 @@ are the biggest tensor of the whole step (8 rollouts x 8,192 tokens: 40 GB in fp
 - `grpo_loss(hidden, weight, targets, old_logprobs, advantages, weights, cfg)`: the training path. Each
   token's loss depends on its own log-prob only, so per chunk we already know the upstream gradient when
   the chunk's softmax is in hand: the gradients for hidden and weight are formed in the forward pass, no
-  chunk is recomputed, and the only tokens x vocab tensors are two chunk-sized tiles reused by every chunk. loss.backward() then only hands them
-  on (scaled by the incoming gradient) to the decoder and the lm_head / tied embedding.
+  chunk is recomputed, and the only tokens x vocab tensors are two chunk-sized tiles that every chunk
+  reuses. loss.backward() then only hands the gradients on (scaled by the incoming gradient) to the
+  decoder and to the lm_head / tied embedding.
 - `naive_grpo_loss`: the same loss from log_softmax + gather, the readable reference for tests and bench.
 - `loss_weights`: per-token weights w_t so that loss = sum_t w_t l_t; token-mean over the global token
   count makes micro-batched, multi-rank gradient accumulation exact.
@@ -180,7 +181,8 @@ def _project_back(dz, h, weight, dh_out, dw):
 
 def _check_inputs(hidden, weight, targets, temperature, *per_token):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(f"hidden must be (N, H) and weight (V, H); "
+                         f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
     n = hidden.shape[0]
@@ -188,7 +190,8 @@ def _check_inputs(hidden, weight, targets, temperature, *per_token):
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"{name} must have shape ({n},), one value per hidden row; got {tuple(t.shape)}")
     if n and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(f"targets must be token ids in [0, {weight.shape[0]}), got [{int(targets.min())}, {int(targets.max())}]")
+        raise ValueError(f"targets must be token ids in [0, {weight.shape[0]}), "
+                         f"got [{int(targets.min())}, {int(targets.max())}]")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 

@@ -109,7 +109,8 @@ def machine(device: str) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def main():
@@ -152,13 +153,15 @@ def main():
     logits_mb = args.tokens * args.vocab * 4 / 2 ** 20
     print(f"\n(one tokens x vocab fp32 tensor = {logits_mb:,.0f} MiB; weight gradient = "
           f"{args.vocab * args.hidden * 4 / 2 ** 20:,.0f} MiB)")
-    print(f"{'method':<10}{'peak extra MiB':>16}{'fwd+bwd ms':>14}{'memory vs naive':>18}{'time vs naive':>16}{'loss':>14}")
+    print(f"{'method':<10}{'peak extra MiB':>16}{'fwd+bwd ms':>14}{'memory vs naive':>18}{'time vs naive':>16}"
+          f"{'loss':>14}")
     n = res["naive"]
     for m in METHODS:
         r = res[m]
         print(f"{m:<10}{r['peak_mb']:>16,.0f}{r['ms']:>14,.0f}{n['peak_mb'] / r['peak_mb']:>17.1f}x"
               f"{r['ms'] / n['ms']:>15.2f}x{r['loss']:>14.6f}")
-    agree = all(abs(res[m]["loss"] - n["loss"]) <= 1e-4 * max(1.0, abs(n["loss"])) for m in METHODS)
+    tol = 1e-4 if args.dtype == "float32" else 1e-2        # bf16/fp16 logits carry ~3 significant digits
+    agree = all(abs(res[m]["loss"] - n["loss"]) <= tol * max(1.0, abs(n["loss"])) for m in METHODS)
     print(f"losses agree: {agree}; load average at end {os.getloadavg()[0]:.1f}")
     print(json.dumps({"machine": machine(args.device), **shape, "losses_agree": agree,
                       "load_avg_start": round(load_start, 1), "load_avg_end": round(os.getloadavg()[0], 1),
