@@ -44,6 +44,8 @@ Simplifications and choices, each one line:
 - `ids` end at the last assistant turn: the final observation is in `messages` but not tokenised (nothing
   follows it).
 - A `users.UserError` from one env marks only that episode failed (end_reason "user_failure"); the batch goes on.
+- The chat template is called without extra kwargs (Qwen3: its default thinking mode).
+- Full attention is assumed: a sliding-window layer would measure its window in cache columns, which holes stretch.
 """
 import json
 import time
@@ -99,7 +101,10 @@ class Episode:
     turn_spans: list = field(default_factory=list)
     """(start, end) of each assistant turn in `ids`, half-open: its sampled tokens plus its end-of-turn token"""
     messages: list = field(default_factory=list)
-    """the conversation as chat messages (system, user, assistant, tool), for transcripts and SFT data"""
+    """the conversation as chat messages (system, user, assistant, tool), for transcripts and SFT data. Assistant
+    content is the sampled text decoded (end-of-turn token stripped). Rendered by the template, these messages give
+    `ids` back as text, but not always as tokens: re-tokenising can split the sampled text differently, and Qwen3's
+    own template rewrites the <think> blocks of earlier turns. Hence `ids`, never a re-rendering, for training."""
     failed: bool = False
     """a user/endpoint failure ended it: the trainer leaves it out of the loss and counts it"""
     info: dict = field(default_factory=dict)
