@@ -79,7 +79,7 @@ class RolloutConfig:
     """a turn with no tool call ends the episode with reward 0 (the original); False passes its text to env.step"""
     show_reward: bool = True
     """append "Reward: r" to observations (passed to make_env): the paper's training shows it, its evaluation not"""
-    env_workers: int = 64
+    env_workers: int = 128
     """threads for concurrent env/user calls (the original allows 128 requests in flight)"""
     progress: bool = True
     """show a tqdm bar over turns"""
@@ -307,6 +307,9 @@ def _reset_all(pool, episodes, env_list) -> list:
     return out
 
 
+_NO_TOOL_CALL = object()
+
+
 def _step_all(pool, cfg, items):
     """Run env.step for every (episode, env, text) concurrently. A turn with no tool call ends its episode first
     (when cfg.end_on_no_tool_call); returns, per item, (obs, reward, done, info) or None when the episode ended."""
@@ -317,14 +320,14 @@ def _step_all(pool, cfg, items):
                 envs.parse_action(text)
             except envs.ActionError as e:
                 if e.missing:
-                    return "no_tool_call", None, 0.0
+                    return _NO_TOOL_CALL, None, 0.0
         return _timed(env.step, text)
 
     results = []
     for (ep, env, text), (res, err, secs) in zip(items, pool.map(one, items)):
         ep.info["time_env"] += secs
         ep.info["turns"] += 1
-        if res == "no_tool_call":
+        if res is _NO_TOOL_CALL:
             ep.turn_rewards.append(0.0)
             ep.info["end_reason"] = "no_tool_call"
             results.append(None)
