@@ -129,7 +129,8 @@ def prompt_messages(env) -> list:
 
 
 def render_ids(tokenizer, messages, add_generation_prompt: bool) -> list:
-    return tokenizer.apply_chat_template(messages, tools=[envs.TOOL_SCHEMA], add_generation_prompt=add_generation_prompt,
+    return tokenizer.apply_chat_template(messages, tools=[envs.TOOL_SCHEMA],
+                                         add_generation_prompt=add_generation_prompt,
                                          tokenize=True, return_dict=False)
 
 
@@ -513,7 +514,8 @@ def tool_call_text(message: dict) -> str:
     text = message.get("content") or ""
     for call in message.get("tool_calls") or []:
         f = call.get("function", call)
-        text += "\n<tool_call>\n" + json.dumps({"name": f.get("name"), "arguments": f.get("arguments")}) + "\n</tool_call>"
+        call_json = json.dumps({"name": f.get("name"), "arguments": f.get("arguments")})
+        text += "\n<tool_call>\n" + call_json + "\n</tool_call>"
     return text
 
 
@@ -543,7 +545,8 @@ def _rollout_http(agent, tasks, group_size: int, cfg: RolloutConfig, user, stats
         live = [i for i, ep in enumerate(episodes) if not ep.failed]
         while live:
             t0 = time.perf_counter()
-            replies = list(pool.map(lambda i: _timed(agent.complete, list(episodes[i].messages), [envs.TOOL_SCHEMA]), live))
+            replies = list(pool.map(lambda i: _timed(agent.complete, list(episodes[i].messages), [envs.TOOL_SCHEMA]),
+                                    live))
             counts["time_generate"] += time.perf_counter() - t0
             counts["turns"] += 1
             items, sent = [], []

@@ -95,8 +95,9 @@ def naive(model, tok, tasks, group_size, cfg, user=None):
             messages = rollout.prompt_messages(env)
             for _ in range(cfg.max_turns):
                 ids = torch.tensor([rollout.render_ids(tok, messages, add_generation_prompt=True)])
+                # top_k=0: sample from the full distribution, as rollout.py does (generate's default is top-k 50)
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=None,
+                                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                                      max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
                                      pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
                 out["generated"] += len(gen)

@@ -183,7 +183,8 @@ def test_ids_equal_the_chat_template_rendering(tiny, toy):
             cursor += len(content)
             gen = [i for i, m in zip(ep.ids[start:end], ep.loss_mask[start:end]) if m]
             expected += gen[:-1] if gen and gen[-1] == tok.eos_token_id else gen
-            nxt = text.index("<|im_start|>assistant\n", cursor) + len("<|im_start|>assistant\n") if k + 1 < len(assistants) else len(text)
+            header = "<|im_start|>assistant\n"
+            nxt = text.index(header, cursor) + len(header) if k + 1 < len(assistants) else len(text)
             expected += tok.encode(text[cursor:nxt], add_special_tokens=False)
             cursor = nxt
         assert ep.ids == expected
