@@ -47,6 +47,7 @@ Simplifications and choices, each one line:
 - The chat template is called without extra kwargs (Qwen3: its default thinking mode).
 - Full attention is assumed: a sliding-window layer would measure its window in cache columns, which holes stretch.
 """
+import inspect
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -202,8 +203,6 @@ class _Batch:
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)
         # transformers renamed `past_key_values` to `cache` (5.x deprecates the old name); use what this model takes.
-        import inspect
-
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.slots = 0  # positions computed, holes and padding included (the cost)
