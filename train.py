@@ -1,12 +1,23 @@
 """Multi-turn GRPO for user-centric agents: the UserRL recipe (arXiv 2509.19736), written by hand in PyTorch.
 
-    python train.py                                             # offline demo: tiny model, scripted users, CPU
-    python train.py --config configs/demo.json --steps 3        # a named recipe plus overrides
-    python train.py --lr abc                                    # -> error: --lr: expected a float, got 'abc'
+    python train.py                                                     # offline demo: tiny model, scripted users, CPU
+    python train.py --config configs/demo.json --steps 5 --lr 1e-5      # a named recipe plus overrides
+    torchrun --nproc_per_node 8 train.py --config configs/userrl-qwen3-4b.json    # the paper's recipe, 8 GPUs
+    python train.py --resume runs/20261125-120000 --steps 40            # continue a run where it stopped
 
-Config: the defaults below, then `--config file.json`, then `--key value` (or `--key=value`) overrides;
-unknown keys and values of the wrong type are rejected with a message that names the key.
+One step, in the order the code runs it (paper section 4, and anchors.md section 0):
+  sample tasks from the gym mixture -> roll out `group_size` episodes per task against the simulated user
+  -> per episode: a trajectory score and per-turn credits from its turn rewards (rewards.py)
+  -> group-normalised advantages, spread over the agent's tokens -> recompute the old log-probs (no grad)
+  -> `ppo_epochs` passes of clipped-ratio updates over mini-batches, with the fused chunked log-prob (grpo.py).
+Simplifications, each deliberate:
+  - no critic, no KL and no entropy bonus by default (the paper's recipe; `--loss.kl_coef` turns KL on);
+  - generation runs in-process with our own KV-cached batched sampler (rollout.py), not vLLM/SGLang;
+  - data parallel = the same loop on every rank plus one all-reduce of the gradients per update (no DDP
+    wrapper); `--fsdp true` shards parameters with FSDP2 for models that do not fit;
+  - a group never spans ranks, so advantages need no communication; token counts for the loss are global.
 """
+import copy
 import dataclasses
 import json
 import os
@@ -18,9 +29,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import transformers
+from tqdm import tqdm
 
+import envs
+import rewards
+import users
 from config import ConfigError, apply_args
+from grpo import STATS, LossConfig, grpo_loss, loss_weights, token_logprobs  # noqa: F401  (train.token_logprobs is API)
 from models import load_model  # noqa: F401  (part of this module's API: train.load_model)
+from rollout import RolloutConfig, rollout, write_transcripts
+
+# The paper trains on Travel, Turtle, Persuade, Function and Tau and holds out Intention, Telepathy and Search
+# for evaluation (userrl-original.md section 1). The demo trains on every gym it has.
+HELD_OUT = ("intention", "telepathy", "search")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -28,40 +51,161 @@ from models import load_model  # noqa: F401  (part of this module's API: train.l
 
 
 @dataclass
+class UserConfig:
+    backend: str = "scripted"
+    """simulated user: scripted (offline rules), http (any OpenAI-compatible endpoint), hf (in-process model)"""
+    model: str = ""
+    """http: the served model name (e.g. Qwen/Qwen3-32B); hf: a hub id or local folder"""
+    base_url: str = ""
+    """http: e.g. http://localhost:8000/v1; empty means $OPENAI_BASE_URL"""
+    api_key_env: str = "OPENAI_API_KEY"
+    """http: the environment variable that holds the key (the key itself is never logged)"""
+    temperature: float = 0.0
+    """the original's simulated users and judges are greedy"""
+    max_tokens: int = 2048
+    """per reply (the original's setting)"""
+    timeout: float = 30.0
+    """http: seconds per request"""
+    max_retries: int = 3
+    """http: retries with exponential backoff on timeouts, connection errors, 429 and 5xx"""
+    max_concurrency: int = 64
+    """http: requests in flight at once, over all episodes of a rank"""
+
+
+@dataclass
 class Config:
+    # run
     model: str = "tiny"
     """policy: "tiny" (offline random model), a hub id such as Qwen/Qwen3-4B, or a local folder"""
     seed: int = 0
-    """seeds python, numpy and torch on every rank"""
+    """seeds the task sampler (same on every rank) and python/numpy/torch (offset by rank)"""
     out_dir: str = ""
     """run folder; empty means runs/<timestamp>"""
+    resume: str = ""
+    """a run folder to continue from its latest checkpoint (its config.json, then these overrides)"""
     steps: int = 3
-    """number of GRPO steps to run"""
-    lr: float = 1e-6
-    """AdamW learning rate, constant (the paper's recipe)"""
+    """GRPO steps to run in total (demo: 3; the paper ran about 280)"""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu or cuda"""
     dtype: str = "float32"
-    """parameter dtype: float32 or bfloat16"""
+    """float32, or bfloat16: bf16 compute and a bf16 copy of the weights for rollouts, fp32 master weights"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state with FSDP2 (fully_shard per decoder block)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward (the paper's recipe turns it on)"""
+    # data
+    gyms: dict = field(default_factory=dict)
+    """training mixture {gym: weight}; empty means every registered gym with weight 1 (the demo)"""
+    eval_gyms: str = ",".join(HELD_OUT)
+    """comma-separated gyms evaluated on their test split (greedy); gyms not registered are skipped"""
+    eval_tasks: int = 4
+    """test tasks per eval gym (0 = the whole split); the demo keeps it small"""
+    data_dir: str = ""
+    """a folder with the original UserRL task files, used instead of data/ (see envs.load_tasks)"""
+    # GRPO
+    batch_size: int = 2
+    """tasks per step, over all ranks (demo: 2; the paper: 128)"""
+    group_size: int = 8
+    """episodes per task: the GRPO group"""
+    mini_batch_size: int = 2
+    """tasks per optimizer update, over all ranks; batch_size / mini_batch_size updates per epoch (paper: 16)"""
+    micro_batch_size: int = 8
+    """episodes per forward/backward on one rank (gradient accumulation up to the mini-batch)"""
+    ppo_epochs: int = 1
+    """passes over the step's episodes"""
+    lr: float = 1e-6
+    """AdamW learning rate, constant, no warm-up (the paper's recipe)"""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this"""
+    score: str = "sum"
+    """trajectory-level score (rewards.SCORES); the paper's default "Sum" (a mean over turns)"""
+    credit: str = "equalized"
+    """turn-level credit (rewards.CREDITS); the paper's default"""
+    scheme: str = "userrl"
+    """how credits and the group advantage become token advantages (rewards.SCHEMES)"""
+    gamma: float = 0.8
+    """discount for the r2g score and credit"""
+    use_std: bool = True
+    """divide by the group std (False = Dr. GRPO)"""
+    lam: float = 1.0
+    """weight of the trajectory advantage in schemes that mix it with a turn advantage"""
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(max_new_tokens=48))
+    """sampling and episode limits; the demo caps a turn at 48 new tokens because the random tiny model
+    rarely ends a turn by itself (the paper: no cap per turn, 8,192 response tokens per episode)"""
+    user: UserConfig = field(default_factory=UserConfig)
+    # logging and checkpoints
+    save_every: int = 1
+    """checkpoint every N steps (0 = never); the paper saves every step"""
+    eval_every: int = 0
+    """evaluate every N steps (0 = never; the paper: 5)"""
+    transcripts: int = 2
+    """episodes per step written to transcripts.jsonl"""
 
 
 def parse_config(argv: list[str]) -> Config:
-    """Defaults, then `--config file.json`, then `--key value` / `--key=value` overrides, then value checks."""
-    cfg = apply_args(Config(), argv)
+    """Defaults, then `--config file.json`, then `--key value` / `--key=value` overrides, then value checks.
+    With `--resume DIR` the defaults are replaced by DIR/config.json, the run's own resolved config."""
+    cfg = Config()
+    resume = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--resume"), None)
+    resume = resume or next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), None)
+    if resume:
+        if not (Path(resume) / "config.json").is_file():
+            raise ConfigError(f"--resume: {resume} has no config.json (is it a run folder?)")
+        cfg = apply_args(cfg, ["--config", str(Path(resume) / "config.json")])
+        cfg.out_dir = resume
+    cfg = apply_args(cfg, argv)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config):
     """Checks of values (types are checked on parsing); run before any model is loaded."""
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype: expected float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.steps < 0:
-        raise ConfigError(f"--steps: must be >= 0, got {cfg.steps}")
-    if not cfg.lr > 0:
-        raise ConfigError(f"--lr: must be > 0, got {cfg.lr}")
+    def check(ok, key, msg):
+        if not ok:
+            raise ConfigError(f"--{key}: {msg}")
+
+    check(cfg.dtype in ("float32", "bfloat16"), "dtype", f"expected float32 or bfloat16, got {cfg.dtype!r}")
+    check(cfg.device in ("auto", "cpu", "cuda"), "device", f"expected auto, cpu or cuda, got {cfg.device!r}")
+    check(cfg.steps >= 0, "steps", f"must be >= 0, got {cfg.steps}")
+    check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
+    for key in ("batch_size", "group_size", "mini_batch_size", "micro_batch_size", "ppo_epochs"):
+        check(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
+    check(cfg.batch_size % cfg.mini_batch_size == 0, "mini_batch_size",
+          f"must divide batch_size ({cfg.batch_size}), got {cfg.mini_batch_size}")
+    for gym, w in cfg.gyms.items():
+        check(gym in envs.GYMS, "gyms", f"unknown gym {gym!r}; known: {sorted(envs.GYMS)}")
+        check(isinstance(w, (int, float)) and w >= 0, "gyms", f"weight of {gym!r} must be a number >= 0, got {w!r}")
+    check(not cfg.gyms or sum(cfg.gyms.values()) > 0, "gyms", "at least one weight must be > 0")
+    check(cfg.score in rewards.SCORES, "score", f"unknown {cfg.score!r}; known: {sorted(rewards.SCORES)}")
+    check(cfg.credit in rewards.CREDITS, "credit", f"unknown {cfg.credit!r}; known: {sorted(rewards.CREDITS)}")
+    check(cfg.scheme in rewards.SCHEMES, "scheme", f"unknown {cfg.scheme!r}; known: {sorted(rewards.SCHEMES)}")
+    check(cfg.user.backend in ("scripted", "http", "hf"), "user.backend", f"expected scripted, http or hf, got {cfg.user.backend!r}")
+    check(cfg.user.backend == "scripted" or cfg.user.model, "user.model", f"the {cfg.user.backend} user needs a model")
+    check(cfg.resume == "" or Path(cfg.resume).is_dir(), "resume", f"{cfg.resume} is not a folder")
+    for key, cls in (("loss", LossConfig), ("rollout", RolloutConfig)):  # their own checks, in __post_init__
+        try:
+            cls(**dataclasses.asdict(getattr(cfg, key)))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--{key}.{e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Run set-up
+# Set-up: ranks, devices, seeds, models
+
+
+def setup_distributed(cfg: Config):
+    """(rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPU; otherwise one process."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
 
 
 def seed_everything(seed: int):
@@ -70,26 +214,419 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def make_run_dir(cfg: Config) -> Path:
-    out = Path(cfg.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def make_user(cfg: UserConfig):
+    """None means the offline scripted user (envs.make_env builds it)."""
+    if cfg.backend == "scripted":
+        return None
+    if cfg.backend == "hf":
+        return users.make_user("hf", model=cfg.model, temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+    return users.make_user("http", base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
+                           temperature=cfg.temperature, max_tokens=cfg.max_tokens, timeout=cfg.timeout,
+                           max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency)
+
+
+def shard(model, cfg: Config):
+    """FSDP2: one shard group per decoder block plus the root (embeddings, final norm, lm_head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None,
+                              reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # Our loss weights already divide by the GLOBAL token count, so gradients must be summed over ranks.
+    for m in model.modules():
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)
+    return model
+
+
+def sync_rollout_weights(rollout_model, model):
+    """Copy the trained weights into the bf16 rollout copy, gathering each FSDP shard once per step."""
+    with torch.no_grad():
+        dst = dict(rollout_model.named_parameters())
+        for name, p in model.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            dst[name].copy_(full)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+class TaskSampler:
+    """Draws (gym, task) pairs from the weighted gym mixture. Seeded identically on every rank, so all ranks
+    agree on the global batch; each rank then rolls out its own slice of it."""
+
+    def __init__(self, weights: dict, data_dir: str, seed: int, pool: dict | None = None):
+        self.pool = pool or {g: envs.load_tasks(g, "train", data_dir or None) for g, w in weights.items() if w > 0}
+        self.gyms = sorted(self.pool)
+        self.weights = [weights.get(g, 1.0) for g in self.gyms]
+        self.rng = random.Random(seed)
+
+    def sample(self, n: int) -> list[tuple[str, dict]]:
+        gyms = self.rng.choices(self.gyms, weights=self.weights, k=n)
+        return [(g, self.rng.choice(self.pool[g])) for g in gyms]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The GRPO update
+
+
+def pack(episodes, pad_id: int, device):
+    """Right-pad a list of episodes: ids, attention mask, and the (B, T-1) mask of positions whose NEXT token
+    the policy generated. The attention mask and the loss mask are separate tensors on purpose."""
+    T = max(len(e.ids) for e in episodes)
+    ids = torch.full((len(episodes), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(episodes), T), dtype=torch.long)
+    lmask = torch.zeros((len(episodes), T), dtype=torch.bool)
+    for i, e in enumerate(episodes):
+        n = len(e.ids)
+        ids[i, :n] = torch.tensor(e.ids)
+        attn[i, :n] = 1
+        lmask[i, :n] = torch.tensor(e.loss_mask, dtype=torch.bool)
+    return ids.to(device), attn.to(device), lmask[:, 1:].to(device)
+
+
+def hidden_states(model, ids, attn, bf16: bool):
+    """Final (normed) hidden states of every position. The model's own forward is called, so FSDP gathers
+    its shards, but only one position's logits are computed: the vocab projection happens in grpo.py, on
+    loss positions only."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def head_weight(model):
+    return model.get_output_embeddings().weight
+
+
+@torch.no_grad()
+def recompute_logprobs(model, episodes, cfg: Config, pad_id: int, device) -> list[torch.Tensor]:
+    """Log-probs of each episode's generated tokens under `model` with the training forward: the PPO ratio's
+    denominator. Recomputed rather than taken from sampling so the ratio is exactly 1 before the first update
+    even when sampling ran in bf16 with a KV cache (the two are compared as `logprob_diff`)."""
+    out = []
+    for i in range(0, len(episodes), cfg.micro_batch_size):
+        mb = episodes[i:i + cfg.micro_batch_size]
+        ids, attn, sel = pack(mb, pad_id, device)
+        h = hidden_states(model, ids, attn, cfg.dtype == "bfloat16")[:, :-1][sel]
+        lp = token_logprobs(h, head_weight(model), ids[:, 1:][sel], temperature=cfg.rollout.temperature)
+        out.extend(lp.float().cpu().split([int(s.sum()) for s in sel]))
     return out
 
 
+def all_reduce(t: torch.Tensor, op=None):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def update(model, optimizer, episodes, task_of, advs, old_lps, ref_lps, cfg: Config, pad_id: int, device,
+           world: int) -> dict:
+    """`ppo_epochs` passes over this rank's episodes, in `batch_size / mini_batch_size` optimizer updates each.
+
+    Update k trains on the global batch's tasks [k*m, (k+1)*m) (m = mini_batch_size); tasks are dealt to ranks
+    round-robin, so this rank holds m / world of them (local task index // (m / world) == k). The loss of each
+    token is weighted with counts over ALL ranks (grpo.loss_weights), so summing the gradients of every
+    micro-batch and rank gives the gradient of the whole mini-batch: N ranks make the same update as one
+    process with the same global batch (tests/test_distributed.py)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_rank = cfg.mini_batch_size // world
+    n_updates = cfg.batch_size // cfg.mini_batch_size
+    loss_cfg = dataclasses.replace(cfg.loss, temperature=cfg.rollout.temperature)  # ratio at sampling temperature
+    sums = torch.zeros(3 + len(STATS), dtype=torch.float64)  # tokens, grad norms, losses, token-weighted stats
+    for _ in range(cfg.ppo_epochs):
+        for k in range(n_updates):
+            idx = [i for i, t in enumerate(task_of) if t // per_rank == k]
+            sums += mini_batch_update(model, optimizer, params, [episodes[i] for i in idx], [advs[i] for i in idx],
+                                      [old_lps[i] for i in idx], None if ref_lps is None else [ref_lps[i] for i in idx],
+                                      loss_cfg, cfg, pad_id, device)
+    sums = all_reduce(sums.to(device)).cpu()
+    out = {key: float(sums[3 + j] / max(float(sums[0]), 1.0)) for j, key in enumerate(STATS)}
+    out["grad_norm"] = float(sums[1]) / (world * cfg.ppo_epochs * n_updates)  # every rank added the same norm
+    out["loss"] = float(sums[2]) / (cfg.ppo_epochs * n_updates)  # each rank's share of the mini-batch loss
+    return out
+
+
+def mini_batch_update(model, optimizer, params, eps, advs, old_lps, ref_lps, loss_cfg, cfg: Config, pad_id, device):
+    """One optimizer update over this rank's share of a mini-batch, accumulated over micro-batches."""
+    bf16 = cfg.dtype == "bfloat16"
+    lens = [int(sum(e.loss_mask)) for e in eps]
+    n_tokens, n_seqs = all_reduce(torch.tensor([sum(lens), len(lens)], dtype=torch.float64, device=device)).tolist()
+    micro = [range(i, min(i + cfg.micro_batch_size, len(eps))) for i in range(0, len(eps), cfg.micro_batch_size)]
+    n_micro = int(all_reduce(torch.tensor(len(micro), device=device), dist.ReduceOp.MAX)) if cfg.fsdp else len(micro)
+    sums = torch.zeros(3 + len(STATS), dtype=torch.float64)
+    for k in range(n_micro):
+        if cfg.fsdp:  # accumulate locally, reduce-scatter once, after the last micro-batch
+            model.set_requires_gradient_sync(k == n_micro - 1)
+        if k >= len(micro):  # FSDP's collectives need every rank in every forward and backward
+            ids = torch.full((1, 2), pad_id, device=device)
+            (hidden_states(model, ids, torch.ones_like(ids), bf16).sum() * 0).backward()
+            continue
+        mb = micro[k]
+        ids, attn, sel = pack([eps[i] for i in mb], pad_id, device)
+        h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
+        w = loss_weights([lens[i] for i in mb], loss_cfg.agg, int(n_tokens), int(n_seqs), loss_cfg.norm_len)
+        cat = lambda xs: torch.cat([xs[i] for i in mb]).to(device)  # noqa: E731
+        loss, stats = grpo_loss(h, head_weight(model), ids[:, 1:][sel], cat(old_lps), cat(advs), w.to(device),
+                                loss_cfg, ref_logprobs=None if ref_lps is None else cat(ref_lps))
+        loss.backward()
+        n = float(sel.sum())
+        sums[0] += n
+        sums[2] += loss.item()
+        sums[3:] += torch.tensor([float(stats[key]) * n for key in STATS], dtype=torch.float64)
+    if not cfg.fsdp and dist.is_initialized():  # data parallel: one all-reduce (a sum) of every gradient
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    sums[1] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sampler, rank: int):
+    """`save_pretrained` folder + tokenizer + optimizer + sampler + per-rank RNG, written to a temporary
+    folder and renamed, so an interrupted save never leaves a broken latest checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    final, tmp = run_dir / f"ckpt-{step:06d}", run_dir / f".tmp-ckpt-{step:06d}"
+    if rank == 0:
+        model.save_pretrained(tmp, state_dict=msd)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": osd, "sampler": sampler.rng.getstate()}, tmp / "trainer_state.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        tmp.rename(final)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted(run_dir.glob("ckpt-*"))
+    return ckpts[-1] if ckpts else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model, tokenizer, cfg: Config, user, rank: int, world: int) -> dict:
+    """Greedy episodes on the held-out test tasks, without the reward shown to the agent (the paper's eval
+    setting). Per gym: the mean episode score; overall: the item-weighted mean (as the paper's Avg)."""
+    names = [g for g in cfg.eval_gyms.split(",") if g in envs.GYMS]
+    tasks = [(g, t) for g in names for t in envs.load_tasks(g, "test", cfg.data_dir or None)[: cfg.eval_tasks or None]]
+    eval_cfg = dataclasses.replace(cfg.rollout, greedy=True, show_reward=False)
+    eps = rollout(model, tokenizer, tasks[rank::world], 1, eval_cfg, user=user)
+    local = [(e.gym, e.info.get("score", sum(e.turn_rewards))) for e in eps if not e.failed]
+    allr = [local]
+    if dist.is_initialized():
+        allr = [None] * world
+        dist.all_gather_object(allr, local)
+    per = {}
+    for gym, s in (x for r in allr for x in r):
+        per.setdefault(gym, []).append(s)
+    out = {f"eval/{g}": float(np.mean(v)) for g, v in sorted(per.items())}
+    n = sum(len(v) for v in per.values())
+    out["eval/avg"] = float(sum(sum(v) for v in per.values()) / max(n, 1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def episode_metrics(episodes, scores: list[float], advs: list[float], group_ids: list, world: int) -> dict:
+    """Per-step statistics over the episodes of every rank."""
+    rows = [(e.gym, sum(e.turn_rewards), e.failed, len(e.turn_rewards), int(sum(e.loss_mask)), e.info.get("end_reason"))
+            for e in episodes]
+    groups = {}
+    for g, s in zip(group_ids, scores):
+        groups.setdefault(g, []).append(s)
+    local = {"rows": rows, "scores": list(zip([e.gym for e in episodes if not e.failed], scores)), "advs": advs,
+             "zero_std": [float(np.std(v) == 0) for v in groups.values()]}
+    allr = [local]
+    if dist.is_initialized():
+        allr = [None] * world
+        dist.all_gather_object(allr, local)
+    rows = [x for r in allr for x in r["rows"]]
+    ok = [r for r in rows if not r[2]]
+    scores = [x for r in allr for x in r["scores"]]
+    advs = [x for r in allr for x in r["advs"]]
+    zero = [x for r in allr for x in r["zero_std"]]
+    m = {"reward_mean": float(np.mean([r[1] for r in ok])) if ok else 0.0,
+         "score_mean": float(np.mean([s for _, s in scores])) if scores else 0.0,
+         "adv_mean": float(np.mean(advs)) if advs else 0.0, "adv_std": float(np.std(advs)) if advs else 0.0,
+         "adv_abs_max": float(np.max(np.abs(advs))) if advs else 0.0,
+         "frac_zero_std": float(np.mean(zero)) if zero else 0.0,
+         "response_tokens_mean": float(np.mean([r[4] for r in ok])) if ok else 0.0,
+         "turns_mean": float(np.mean([r[3] for r in ok])) if ok else 0.0,
+         "failed_episodes": sum(r[2] for r in rows)}
+    for gym in sorted({r[0] for r in ok}):
+        m[f"reward_mean/{gym}"] = float(np.mean([r[1] for r in ok if r[0] == gym]))
+        m[f"score_mean/{gym}"] = float(np.mean([s for g, s in scores if g == gym]))
+    for reason in sorted({r[5] for r in rows}):
+        m[f"end/{reason}"] = sum(r[5] == reason for r in rows)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: Config, task_pool: dict | None = None) -> Path:
+    """Run `cfg.steps` GRPO steps (or continue a run); returns the run folder. `task_pool` ({gym: [task]})
+    replaces the data files, for tests with toy gyms."""
+    rank, world, device = setup_distributed(cfg)
+    if cfg.batch_size % world or cfg.mini_batch_size % world:
+        raise ConfigError(f"--batch_size ({cfg.batch_size}) and --mini_batch_size ({cfg.mini_batch_size}) must be "
+                          f"multiples of the number of ranks ({world}): a group never spans ranks")
+    run_dir = Path(cfg.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint yet")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        print(json.dumps(dataclasses.asdict(cfg)))
+    seed_everything(cfg.seed + rank)
+    weights = cfg.gyms or {g: 1.0 for g in (task_pool or envs.GYMS)}
+    sampler = TaskSampler(weights, cfg.data_dir, cfg.seed, pool=task_pool)
+    user = make_user(cfg.user)
+
+    model, tokenizer = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bf16 = cfg.dtype == "bfloat16"
+    rollout_model = copy.deepcopy(model).to(torch.bfloat16).eval() if bf16 else None
+    if cfg.fsdp:
+        shard(model, cfg)
+    ref_model = None
+    if cfg.loss.kl_coef > 0:  # loaded only when the KL term is on (off in the paper's recipe)
+        ref_model, _ = load_model(cfg.model, seed=cfg.seed)
+        ref_model.to(device).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if ckpt:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        sampler.rng.setstate(state["sampler"])
+        set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", weights_only=False))
+        start = state["step"]
+        if rank == 0:  # drop metrics of steps after the checkpoint: they are about to be redone
+            mpath = run_dir / "metrics.jsonl"
+            if mpath.exists():
+                lines = [ln for ln in mpath.read_text().splitlines() if json.loads(ln).get("step", 0) <= start]
+                mpath.write_text("".join(ln + "\n" for ln in lines))
+            print(f"resumed {run_dir} from {ckpt.name} (step {start})")
+    pad_id = tokenizer.pad_token_id
+    if rank == 0:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"run folder {run_dir} | model {cfg.model} ({n:,} parameters) | {world} rank(s) on {device} | "
+              f"gyms {sorted(sampler.pool)} | user {cfg.user.backend}")
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="steps", disable=rank != 0)
+    for step in bar:
+        t0 = time.perf_counter()
+        # 1. sample the global batch (identical on every rank) and take this rank's slice of it
+        tasks = sampler.sample(cfg.batch_size)[rank::world]
+        # 2. roll out a group of episodes per task against the simulated user
+        if rollout_model is not None:
+            sync_rollout_weights(rollout_model, model)
+        model.eval()
+        stats = {}
+        episodes = rollout(rollout_model or model, tokenizer, tasks, cfg.group_size, cfg.rollout, user=user, stats=stats)
+        model.train()
+        t_roll = time.perf_counter() - t0
+        # 3. scores and advantages per group (a group never spans ranks); failed episodes are left out
+        group_of = [i // cfg.group_size for i in range(len(episodes))]  # = the local task index
+        keep = [i for i, e in enumerate(episodes) if not e.failed]
+        eps = [episodes[i] for i in keep]
+        turn_lens = [[sum(e.loss_mask[a:b]) for a, b in e.turn_spans] for e in eps]
+        token_advs, traj_advs = rewards.compute_advantages(
+            [e.turn_rewards for e in eps], turn_lens, [group_of[i] for i in keep], score=cfg.score,
+            credit=cfg.credit, scheme=cfg.scheme, gamma=cfg.gamma, use_std=cfg.use_std, lam=cfg.lam)
+        scores = [rewards.trajectory_score(e.turn_rewards, cfg.score, cfg.gamma) for e in eps]
+        advs = [torch.tensor(a, dtype=torch.float32) for a in token_advs]
+        # 4. old (and reference) log-probs, recomputed with the training forward
+        t1 = time.perf_counter()
+        old = recompute_logprobs(model, eps, cfg, pad_id, device)
+        ref = recompute_logprobs(ref_model, eps, cfg, pad_id, device) if ref_model is not None else None
+        sampled = [torch.tensor([lp for lp, m in zip(e.logprobs, e.loss_mask) if m]) for e in eps]
+        diff = float(torch.cat([(a - b).abs() for a, b in zip(old, sampled)]).mean()) if eps else 0.0
+        t2 = time.perf_counter()
+        # 5. clipped-ratio updates
+        upd = update(model, optimizer, eps, [group_of[i] for i in keep], advs, old, ref, cfg, pad_id, device, world)
+        t3 = time.perf_counter()
+        # 6. log, transcripts, checkpoint, evaluation
+        m = {"step": step + 1, **episode_metrics(episodes, scores, [x for a in token_advs for x in a], [group_of[i] for i in keep], world),
+             **upd, "logprob_diff": diff, "time_generate": t_roll - stats["time_env"],
+             "time_user": stats["time_env"], "time_logprob": t2 - t1, "time_update": t3 - t2}
+        if cfg.transcripts and rank == 0:
+            write_transcripts(run_dir / "transcripts.jsonl", episodes[: cfg.transcripts], tokenizer, append=True)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, sampler, rank)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            if rollout_model is not None:
+                sync_rollout_weights(rollout_model, model)
+            m.update(evaluate(rollout_model or model, tokenizer, cfg, user, rank, world))
+        m["time_step"] = time.perf_counter() - t0
+        if rank == 0:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+            tqdm.write(f"step {step + 1:4d} | reward {m['reward_mean']:.3f} | score {m['score_mean']:.3f} | "
+                       f"zero-std groups {m['frac_zero_std']:.2f} | grad norm {m['grad_norm']:.3g} | "
+                       f"time gen {m['time_generate']:.1f}s user {m['time_user']:.1f}s "
+                       f"logprob {m['time_logprob']:.1f}s update {m['time_update']:.1f}s")
+            for key in sorted(k for k in m if k.startswith("eval/")):
+                tqdm.write(f"    {key:24s} {m[key]:.3f}")
+    return run_dir
+
+
 def main(argv: list[str]):
+    transformers.utils.logging.disable_progress_bar()  # one tqdm bar per step is ours; no per-save bars
     try:
         cfg = parse_config(argv)
+        run_dir = train(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    run_dir = make_run_dir(cfg)
-    print(json.dumps(dataclasses.asdict(cfg)))
-    seed_everything(cfg.seed)
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed, dtype=getattr(torch, cfg.dtype))
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"run folder: {run_dir}")
-    print(f"model: {cfg.model} ({n_params:,} parameters), tokenizer vocab {len(tokenizer)}")
-    print("The GRPO loop is not implemented yet (see the open issues); nothing was trained.")
+    if cfg.model == "tiny" and cfg.user.backend == "scripted":
+        print(f"\nDemo finished: metrics in {run_dir}/metrics.jsonl, transcripts in {run_dir}/transcripts.jsonl.\n"
+              "The tiny model is random, so its rewards mean nothing yet. The paper's recipe (8 GPUs, a simulated "
+              "user behind an OpenAI-compatible endpoint):\n"
+              "  torchrun --nproc_per_node 8 train.py --config configs/userrl-qwen3-4b.json")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
