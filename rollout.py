@@ -80,6 +80,9 @@ class RolloutConfig:
     """a turn with no tool call ends the episode with reward 0 (the original); False passes its text to env.step"""
     show_reward: bool = True
     """append "Reward: r" to observations (passed to make_env): the paper's training shows it, its evaluation not"""
+    eval_mode: bool = False
+    """the gyms' evaluation settings (passed to make_env; e.g. TravelGym's eval rewards); pair it with show_reward
+    False for the paper's evaluation"""
     env_workers: int = 128
     """threads for concurrent env/user calls (the original allows 128 requests in flight)"""
     progress: bool = True
@@ -282,7 +285,8 @@ def _new_episodes(tasks, group_size: int, cfg: RolloutConfig, user):
     episodes, env_list = [], []
     for gym, task in tasks:
         for _ in range(group_size):
-            env_list.append(envs.make_env(gym, task, user=user, max_turns=cfg.max_turns, show_reward=cfg.show_reward))
+            env_list.append(envs.make_env(gym, task, user=user, max_turns=cfg.max_turns, show_reward=cfg.show_reward,
+                                          eval_mode=cfg.eval_mode))
             episodes.append(Episode(gym=gym, info={"task_id": task.get("id"), "turns": 0, "time_env": 0.0}))
     return episodes, env_list
 

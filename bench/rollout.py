@@ -91,7 +91,8 @@ def naive(model, tok, tasks, group_size, cfg, user=None):
     out = {"episodes": 0, "generated": 0, "fed": 0, "prefill": 0, "time_user": 0.0, "turns": 0}
     for gym, task in tasks:
         for _ in range(group_size):
-            env = envs.make_env(gym, task, user=user, max_turns=cfg.max_turns, show_reward=cfg.show_reward)
+            env = envs.make_env(gym, task, user=user, max_turns=cfg.max_turns, show_reward=cfg.show_reward,
+                                eval_mode=cfg.eval_mode)
             messages = rollout.prompt_messages(env)
             for _ in range(cfg.max_turns):
                 ids = torch.tensor([rollout.render_ids(tok, messages, add_generation_prompt=True)])
