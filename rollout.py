@@ -88,6 +88,13 @@ class RolloutConfig:
     progress: bool = True
     """show a tqdm bar over turns"""
 
+    def __post_init__(self):
+        if self.max_turns < 1 or self.max_new_tokens < 1 or self.max_episode_tokens < 1 or self.env_workers < 1:
+            raise ValueError("max_turns, max_new_tokens, max_episode_tokens and env_workers must be >= 1, got "
+                             f"{self.max_turns}, {self.max_new_tokens}, {self.max_episode_tokens}, {self.env_workers}")
+        if not self.greedy and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1 (or greedy), got {self.temperature}, {self.top_p}")
+
 
 @dataclass
 class Episode:
@@ -278,10 +285,7 @@ def _new_episodes(tasks, group_size: int, cfg: RolloutConfig, user):
     for t in tasks:
         if not (isinstance(t, (list, tuple)) and len(t) == 2 and isinstance(t[0], str) and isinstance(t[1], dict)):
             raise ValueError(f"each task must be a (gym_name, task_dict) pair, got {t!r:.120}")
-    if cfg.max_turns < 1 or cfg.max_new_tokens < 1 or cfg.max_episode_tokens < 1:
-        raise ValueError("max_turns, max_new_tokens and max_episode_tokens must be >= 1")
-    if not cfg.greedy and not (cfg.temperature > 0 and 0 < cfg.top_p <= 1):
-        raise ValueError(f"need temperature > 0 and 0 < top_p <= 1 (or greedy), got {cfg.temperature}, {cfg.top_p}")
+    cfg.__post_init__()  # a config edited after construction is checked again
     episodes, env_list = [], []
     for gym, task in tasks:
         for _ in range(group_size):
@@ -446,6 +450,7 @@ def _rollout_local(model, tokenizer, tasks, group_size, cfg, user, stats):
             bar.update(1)
             bar.set_postfix(live=len(live))
     bar.close()
+    _record_scores(episodes, env_list)
     counts["slots_fed"], counts["tokens_fed"] = batch.slots, batch.real
     if stats is not None:
         stats.update(counts)
@@ -575,9 +580,17 @@ def _rollout_http(agent, tasks, group_size: int, cfg: RolloutConfig, user, stats
             bar.update(1)
             bar.set_postfix(live=len(live))
     bar.close()
+    _record_scores(episodes, env_list)
     if stats is not None:
         stats.update(counts)
     return episodes
+
+
+def _record_scores(episodes, env_list):
+    """info["score"]: the number the paper's evaluation reports for the episode (env.episode_score(): the sum of
+    its turn rewards, or a gym's own metric such as TravelGym's per-aspect best answer)."""
+    for ep, env in zip(episodes, env_list):
+        ep.info["score"] = env.episode_score()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import envs
 import rewards
 import users
 from config import ConfigError, apply_args
-from grpo import STATS, LossConfig, grpo_loss, loss_weights, token_logprobs  # noqa: F401  (train.token_logprobs is API)
+from grpo import STATS, LossConfig, chunk_tokens, grpo_loss, loss_weights, token_logprobs  # noqa: F401  (train.token_logprobs is API)
 from models import load_model  # noqa: F401  (part of this module's API: train.load_model)
 from rollout import RolloutConfig, rollout, write_transcripts
 
@@ -188,7 +188,7 @@ def validate(cfg: Config):
         try:
             cls(**dataclasses.asdict(getattr(cfg, key)))
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"--{key}.{e}") from None
+            raise ConfigError(f"--{key}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,8 +251,9 @@ def shard(model, cfg: Config):
     fully_shard(model, mp_policy=mp)
     # Our loss weights already divide by the GLOBAL token count, so gradients must be summed over ranks.
     for m in model.modules():
-        if hasattr(m, "set_gradient_divide_factor"):
+        if is_fsdp(m):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo (CPU) has no pre-scaled reductions
     return model
 
 
@@ -316,25 +317,55 @@ def head_weight(model):
     return model.get_output_embeddings().weight
 
 
+def is_fsdp(model) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")  # what fully_shard adds to a module
+
+
+def micro_slices(n: int, size: int, model) -> list[slice]:
+    """Micro-batches of n items. Under FSDP every forward all-gathers shards, so every rank must run the same
+    number of them: a rank with fewer items gets empty slices (a dummy forward) at the end."""
+    slices = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    if is_fsdp(model):
+        count = int(all_reduce(torch.tensor(len(slices)), dist.ReduceOp.MAX))
+        slices += [slice(0, 0)] * (count - len(slices))
+    return slices
+
+
+def dummy_hidden(model, pad_id: int, device, bf16: bool):
+    ids = torch.full((1, 2), pad_id, device=device)
+    return hidden_states(model, ids, torch.ones_like(ids), bf16)
+
+
 @torch.no_grad()
 def recompute_logprobs(model, episodes, cfg: Config, pad_id: int, device) -> list[torch.Tensor]:
     """Log-probs of each episode's generated tokens under `model` with the training forward: the PPO ratio's
     denominator. Recomputed rather than taken from sampling so the ratio is exactly 1 before the first update
     even when sampling ran in bf16 with a KV cache (the two are compared as `logprob_diff`)."""
     out = []
-    for i in range(0, len(episodes), cfg.micro_batch_size):
-        mb = episodes[i:i + cfg.micro_batch_size]
-        ids, attn, sel = pack(mb, pad_id, device)
-        h = hidden_states(model, ids, attn, cfg.dtype == "bfloat16")[:, :-1][sel]
-        lp = token_logprobs(h, head_weight(model), ids[:, 1:][sel], temperature=cfg.rollout.temperature)
+    bf16 = cfg.dtype == "bfloat16"
+    for sl in micro_slices(len(episodes), cfg.micro_batch_size, model):
+        if sl.start == sl.stop:
+            dummy_hidden(model, pad_id, device, bf16)
+            continue
+        ids, attn, sel = pack(episodes[sl], pad_id, device)
+        h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
+        w = head_weight(model)
+        lp = token_logprobs(h, w, ids[:, 1:][sel], temperature=cfg.rollout.temperature,
+                            chunk_size=chunk_tokens(w.shape[0], cfg.loss.chunk_mb))
         out.extend(lp.float().cpu().split([int(s.sum()) for s in sel]))
+    if is_fsdp(model):  # FSDP keeps the root's weights gathered after a forward that has no backward
+        model.reshard()
     return out
 
 
-def all_reduce(t: torch.Tensor, op=None):
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Sum (or `op`) over ranks; the identity in one process. NCCL reduces on the GPU, gloo on the CPU."""
+    if not dist.is_initialized():
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    x = t.to(dev)
+    dist.all_reduce(x, op=op)
+    return x.to(t.device)
 
 
 def update(model, optimizer, episodes, task_of, advs, old_lps, ref_lps, cfg: Config, pad_id: int, device,
@@ -346,7 +377,7 @@ def update(model, optimizer, episodes, task_of, advs, old_lps, ref_lps, cfg: Con
     token is weighted with counts over ALL ranks (grpo.loss_weights), so summing the gradients of every
     micro-batch and rank gives the gradient of the whole mini-batch: N ranks make the same update as one
     process with the same global batch (tests/test_distributed.py)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     per_rank = cfg.mini_batch_size // world
     n_updates = cfg.batch_size // cfg.mini_batch_size
     loss_cfg = dataclasses.replace(cfg.loss, temperature=cfg.rollout.temperature)  # ratio at sampling temperature
@@ -357,7 +388,7 @@ def update(model, optimizer, episodes, task_of, advs, old_lps, ref_lps, cfg: Con
             sums += mini_batch_update(model, optimizer, params, [episodes[i] for i in idx], [advs[i] for i in idx],
                                       [old_lps[i] for i in idx], None if ref_lps is None else [ref_lps[i] for i in idx],
                                       loss_cfg, cfg, pad_id, device)
-    sums = all_reduce(sums.to(device)).cpu()
+    sums = all_reduce(sums)
     out = {key: float(sums[3 + j] / max(float(sums[0]), 1.0)) for j, key in enumerate(STATS)}
     out["grad_norm"] = float(sums[1]) / (world * cfg.ppo_epochs * n_updates)  # every rank added the same norm
     out["loss"] = float(sums[2]) / (cfg.ppo_epochs * n_updates)  # each rank's share of the mini-batch loss
@@ -368,22 +399,19 @@ def mini_batch_update(model, optimizer, params, eps, advs, old_lps, ref_lps, los
     """One optimizer update over this rank's share of a mini-batch, accumulated over micro-batches."""
     bf16 = cfg.dtype == "bfloat16"
     lens = [int(sum(e.loss_mask)) for e in eps]
-    n_tokens, n_seqs = all_reduce(torch.tensor([sum(lens), len(lens)], dtype=torch.float64, device=device)).tolist()
-    micro = [range(i, min(i + cfg.micro_batch_size, len(eps))) for i in range(0, len(eps), cfg.micro_batch_size)]
-    n_micro = int(all_reduce(torch.tensor(len(micro), device=device), dist.ReduceOp.MAX)) if cfg.fsdp else len(micro)
+    n_tokens, n_seqs = all_reduce(torch.tensor([sum(lens), len(lens)], dtype=torch.float64)).tolist()
+    slices = micro_slices(len(eps), cfg.micro_batch_size, model)
     sums = torch.zeros(3 + len(STATS), dtype=torch.float64)
-    for k in range(n_micro):
-        if cfg.fsdp:  # accumulate locally, reduce-scatter once, after the last micro-batch
-            model.set_requires_gradient_sync(k == n_micro - 1)
-        if k >= len(micro):  # FSDP's collectives need every rank in every forward and backward
-            ids = torch.full((1, 2), pad_id, device=device)
-            (hidden_states(model, ids, torch.ones_like(ids), bf16).sum() * 0).backward()
+    for k, sl in enumerate(slices):
+        if is_fsdp(model):  # accumulate locally, reduce-scatter once, after the last micro-batch
+            model.set_requires_gradient_sync(k == len(slices) - 1)
+        if sl.start == sl.stop:
+            (dummy_hidden(model, pad_id, device, bf16).sum() * 0).backward()
             continue
-        mb = micro[k]
-        ids, attn, sel = pack([eps[i] for i in mb], pad_id, device)
+        ids, attn, sel = pack(eps[sl], pad_id, device)
         h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
-        w = loss_weights([lens[i] for i in mb], loss_cfg.agg, int(n_tokens), int(n_seqs), loss_cfg.norm_len)
-        cat = lambda xs: torch.cat([xs[i] for i in mb]).to(device)  # noqa: E731
+        w = loss_weights(lens[sl], loss_cfg.agg, int(n_tokens), int(n_seqs), loss_cfg.norm_len)
+        cat = lambda xs: torch.cat(xs[sl]).to(device)  # noqa: E731
         loss, stats = grpo_loss(h, head_weight(model), ids[:, 1:][sel], cat(old_lps), cat(advs), w.to(device),
                                 loss_cfg, ref_logprobs=None if ref_lps is None else cat(ref_lps))
         loss.backward()
@@ -391,7 +419,7 @@ def mini_batch_update(model, optimizer, params, eps, advs, old_lps, ref_lps, los
         sums[0] += n
         sums[2] += loss.item()
         sums[3:] += torch.tensor([float(stats[key]) * n for key in STATS], dtype=torch.float64)
-    if not cfg.fsdp and dist.is_initialized():  # data parallel: one all-reduce (a sum) of every gradient
+    if not is_fsdp(model) and dist.is_initialized():  # data parallel: one all-reduce (a sum) of every gradient
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]))
         for p, g in zip(params, flat.split([g.numel() for g in grads])):
@@ -443,9 +471,9 @@ def evaluate(model, tokenizer, cfg: Config, user, rank: int, world: int) -> dict
     setting). Per gym: the mean episode score; overall: the item-weighted mean (as the paper's Avg)."""
     names = [g for g in cfg.eval_gyms.split(",") if g in envs.GYMS]
     tasks = [(g, t) for g in names for t in envs.load_tasks(g, "test", cfg.data_dir or None)[: cfg.eval_tasks or None]]
-    eval_cfg = dataclasses.replace(cfg.rollout, greedy=True, show_reward=False)
+    eval_cfg = dataclasses.replace(cfg.rollout, greedy=True, show_reward=False, eval_mode=True)
     eps = rollout(model, tokenizer, tasks[rank::world], 1, eval_cfg, user=user)
-    local = [(e.gym, e.info.get("score", sum(e.turn_rewards))) for e in eps if not e.failed]
+    local = [(e.gym, e.info["score"]) for e in eps if not e.failed]
     allr = [local]
     if dist.is_initialized():
         allr = [None] * world
@@ -526,7 +554,9 @@ def train(cfg: Config, task_pool: dict | None = None) -> Path:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bf16 = cfg.dtype == "bfloat16"
-    rollout_model = copy.deepcopy(model).to(torch.bfloat16).eval() if bf16 else None
+    # Rollouts decode token by token: they get their own full, unsharded copy of the weights (bf16 when training
+    # in bf16; under FSDP always, since a sharded model would all-gather every layer for every token).
+    rollout_model = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval() if bf16 or cfg.fsdp else None
     if cfg.fsdp:
         shard(model, cfg)
     ref_model = None
@@ -620,7 +650,7 @@ def main(argv: list[str]):
         run_dir = train(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    if cfg.model == "tiny" and cfg.user.backend == "scripted":
+    if cfg.model == "tiny" and cfg.user.backend == "scripted" and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"\nDemo finished: metrics in {run_dir}/metrics.jsonl, transcripts in {run_dir}/transcripts.jsonl.\n"
               "The tiny model is random, so its rewards mean nothing yet. The paper's recipe (8 GPUs, a simulated "
               "user behind an OpenAI-compatible endpoint):\n"

@@ -1,7 +1,8 @@
 """One GRPO update on a fixed global batch, in one process or under torchrun (tests/test_distributed.py).
 
-    python tests/dist_update.py OUT.pt                          # one process, the whole batch
-    torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt     # two ranks, tasks dealt round-robin
+    python tests/dist_update.py OUT.pt                                  # one process, the whole batch
+    torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt             # two ranks, tasks dealt round-robin
+    torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt --fsdp      # the same with FSDP2 sharding
 """
 import sys
 from pathlib import Path
@@ -30,11 +31,13 @@ def fixed_episode(task: int, member: int, vocab: int) -> Episode:
                    info={"end_reason": "done"})
 
 
-def main(out: str):
+def main(out: str, fsdp: bool):
     cfg = train.parse_config(["--batch_size", str(TASKS), "--group_size", str(GROUP), "--mini_batch_size", "2",
-                              "--micro_batch_size", "1", "--lr", "1e-3", "--ppo_epochs", "2"])
+                              "--micro_batch_size", "1", "--lr", "1e-3", "--ppo_epochs", "2", "--fsdp", str(fsdp)])
     rank, world, device = train.setup_distributed(cfg)
     model, tok = train.load_model("tiny", seed=0)
+    if fsdp:
+        train.shard(model, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     local_tasks = list(range(TASKS))[rank::world]
     eps = [fixed_episode(t, m, len(tok)) for t in local_tasks for m in range(GROUP)]
@@ -44,11 +47,12 @@ def main(out: str):
     advs = [torch.tensor(a) for a in advs]
     old = [lp - 0.05 for lp in train.recompute_logprobs(model, eps, cfg, tok.pad_token_id, device)]  # ratio != 1
     stats = train.update(model, optimizer, eps, task_of, advs, old, None, cfg, tok.pad_token_id, device, world)
+    params = [(p.full_tensor() if fsdp else p).detach().clone() for p in model.parameters()]
     if rank == 0:
-        torch.save({"params": [p.detach().clone() for p in model.parameters()], "stats": stats}, out)
+        torch.save({"params": params, "stats": stats}, out)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--fsdp" in sys.argv[2:])

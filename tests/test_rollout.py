@@ -233,6 +233,15 @@ def test_no_tool_call_ends_the_episode_or_goes_to_the_env(tiny, toy):
     assert toy[0].seen[0] == eps[0].messages[2]["content"]  # the env got the decoded turn
 
 
+def test_each_episode_records_its_envs_episode_score(tiny, toy, monkeypatch):
+    model, tok = tiny
+    monkeypatch.setattr(ToyEnv, "episode_score", lambda env: 10.0 + len(env.seen))  # a gym's own metric
+    eps = rollout.rollout(model, tok, [("toy", task(1)), ("toy", task(2))], 2, cfg(end_on_no_tool_call=False,
+                                                                                   max_new_tokens=4))
+    assert [ep.info["score"] for ep in eps] == [10.0 + len(env.seen) for env in toy]
+    assert [ep.info["score"] for ep in eps] == [12.0, 12.0, 13.0, 13.0]
+
+
 def test_budget_and_max_turns_end_episodes(tiny, toy):
     model, tok = tiny
     eps = rollout.rollout(model, tok, [("toy", task(2, turns=99))], 2, cfg(max_new_tokens=10, max_episode_tokens=60))

@@ -90,7 +90,7 @@ def test_grpo_raises_the_reward_of_a_toy_gym(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, needle", [
     (["--gyms", '{"nope": 1}'], "--gyms"),
     (["--score", "max"], "--score"),
-    (["--loss.agg", "sum"], "--loss.agg"),
+    (["--loss.agg", "sum"], "--loss: agg"),
     (["--batch_size", "3", "--mini_batch_size", "2"], "--mini_batch_size"),
     (["--user.backend", "http"], "--user.model"),
 ])
