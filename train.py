@@ -111,6 +111,9 @@ class Config:
     """tasks per optimizer update, over all ranks; batch_size / mini_batch_size updates per epoch (paper: 16)"""
     micro_batch_size: int = 8
     """episodes per forward/backward on one rank (gradient accumulation up to the mini-batch)"""
+    rollout_tasks: int = 0
+    """tasks one rank rolls out together (their groups share one KV cache); 0 = all of its tasks at once.
+    Bounds rollout memory: each episode's cache grows to (prompt + max_episode_tokens) x KV bytes per token"""
     ppo_epochs: int = 1
     """passes over the step's episodes"""
     lr: float = 1e-6
@@ -170,6 +173,7 @@ def validate(cfg: Config):
     check(cfg.device in ("auto", "cpu", "cuda"), "device", f"expected auto, cpu or cuda, got {cfg.device!r}")
     check(cfg.steps >= 0, "steps", f"must be >= 0, got {cfg.steps}")
     check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
+    check(cfg.rollout_tasks >= 0, "rollout_tasks", f"must be >= 0, got {cfg.rollout_tasks}")
     for key in ("batch_size", "group_size", "mini_batch_size", "micro_batch_size", "ppo_epochs"):
         check(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
     check(cfg.batch_size % cfg.mini_batch_size == 0, "mini_batch_size",
@@ -594,8 +598,12 @@ def train(cfg: Config, task_pool: dict | None = None) -> Path:
         if rollout_model is not None:
             sync_rollout_weights(rollout_model, model)
         model.eval()
-        stats = {}
-        episodes = rollout(rollout_model or model, tokenizer, tasks, cfg.group_size, cfg.rollout, user=user, stats=stats)
+        episodes, time_user, chunk = [], 0.0, cfg.rollout_tasks or len(tasks)
+        for i in range(0, len(tasks), chunk):  # a few tasks at a time bounds the KV cache's memory
+            stats = {}
+            episodes += rollout(rollout_model or model, tokenizer, tasks[i:i + chunk], cfg.group_size, cfg.rollout,
+                                user=user, stats=stats)
+            time_user += stats["time_env"]
         model.train()
         t_roll = time.perf_counter() - t0
         # 3. scores and advantages per group (a group never spans ranks); failed episodes are left out
@@ -620,8 +628,8 @@ def train(cfg: Config, task_pool: dict | None = None) -> Path:
         t3 = time.perf_counter()
         # 6. log, transcripts, checkpoint, evaluation
         m = {"step": step + 1, **episode_metrics(episodes, scores, [x for a in token_advs for x in a], [group_of[i] for i in keep], world),
-             **upd, "logprob_diff": diff, "time_generate": t_roll - stats["time_env"],
-             "time_user": stats["time_env"], "time_logprob": t2 - t1, "time_update": t3 - t2}
+             **upd, "logprob_diff": diff, "time_generate": t_roll - time_user,
+             "time_user": time_user, "time_logprob": t2 - t1, "time_update": t3 - t2}
         if cfg.transcripts and rank == 0:
             write_transcripts(run_dir / "transcripts.jsonl", episodes[: cfg.transcripts], tokenizer, append=True)
         if cfg.save_every and (step + 1) % cfg.save_every == 0:

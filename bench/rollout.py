@@ -30,6 +30,7 @@ import envs  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
 import users  # noqa: E402
+from shapes import qwen05b_shape  # noqa: E402
 
 
 class BenchEnv(envs.Env):
@@ -62,23 +63,6 @@ QUESTIONS = ["I need a holiday in May, can you help me choose where to go?",
 def tasks_for(n_tasks, ask_user=False):
     return [("bench", {"id": f"bench-{j}", "question": QUESTIONS[j % len(QUESTIONS)], "ask_user": ask_user})
             for j in range(n_tasks)]
-
-
-def qwen05b_shape(tokenizer, layers: int):
-    """A random model with Qwen2.5-0.5B's shape (vocab 151,936, hidden 896, 14 heads, 2 KV heads, MLP 4,864,
-    24 layers). It runs with the tiny tokenizer: ids past its 1,536 decode to nothing, which only shortens the
-    text the env sees."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
-                      num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=32768, rope_theta=1e6, attn_implementation="sdpa",
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------

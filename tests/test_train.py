@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import envs
 import train
@@ -42,7 +43,8 @@ def read_metrics(run_dir):
 
 def test_demo_command_runs_and_logs_every_field(tmp_path):
     p = subprocess.run([sys.executable, "train.py", "--out_dir", str(tmp_path), "--steps", "1", "--group_size", "2",
-                        "--rollout.max_new_tokens", "8", "--rollout.progress", "false"],
+                        "--batch_size", "4", "--mini_batch_size", "2", "--rollout_tasks", "3", "--eval_every", "1",
+                        "--eval_tasks", "1", "--rollout.max_new_tokens", "8", "--rollout.progress", "false"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "step    1" in p.stdout and "configs/userrl-qwen3-4b.json" in p.stdout
@@ -51,6 +53,8 @@ def test_demo_command_runs_and_logs_every_field(tmp_path):
                 "response_tokens_mean", "turns_mean", "failed_episodes", *TIMING):
         assert key in m, key
     assert any(k.startswith("reward_mean/") for k in m)
+    assert {"eval/intention", "eval/telepathy", "eval/search", "eval/avg"} <= set(m)
+    assert "eval/avg" in p.stdout  # the per-gym eval table
     assert (tmp_path / "ckpt-000001" / "trainer_state.pt").is_file()
     assert (tmp_path / "transcripts.jsonl").stat().st_size > 0
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -69,8 +73,6 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
-    import torch
-    wa = torch.load if False else None  # noqa: F841
     ma, _ = train.load_model(str(full / "ckpt-000004"))
     mb, _ = train.load_model(str(part / "ckpt-000004"))
     assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
