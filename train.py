@@ -182,6 +182,8 @@ def validate(cfg: Config):
         check(gym in envs.GYMS, "gyms", f"unknown gym {gym!r}; known: {sorted(envs.GYMS)}")
         check(isinstance(w, (int, float)) and w >= 0, "gyms", f"weight of {gym!r} must be a number >= 0, got {w!r}")
     check(not cfg.gyms or sum(cfg.gyms.values()) > 0, "gyms", "at least one weight must be > 0")
+    check(cfg.gyms or not cfg.data_dir, "gyms", "name the gyms to train on when --data_dir points at the original "
+          'files, e.g. {"travel": 925, "turtle": 423, "persuade": 378, "function": 200} (tau needs tau-bench)')
     check(cfg.score in rewards.SCORES, "score", f"unknown {cfg.score!r}; known: {sorted(rewards.SCORES)}")
     check(cfg.credit in rewards.CREDITS, "credit", f"unknown {cfg.credit!r}; known: {sorted(rewards.CREDITS)}")
     check(cfg.scheme in rewards.SCHEMES, "scheme", f"unknown {cfg.scheme!r}; known: {sorted(rewards.SCHEMES)}")

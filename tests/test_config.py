@@ -46,3 +46,9 @@ def test_cli_fails_with_one_line(argv, needle, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], p.stderr
     assert not (tmp_path / "run").exists()  # nothing is created for a bad config
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.json")))
+def test_every_shipped_recipe_parses(name):
+    cfg = train.parse_config(["--config", str(ROOT / "configs" / f"{name}.json")])
+    assert cfg.model and cfg.group_size >= 1

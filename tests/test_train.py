@@ -95,6 +95,8 @@ def test_grpo_raises_the_reward_of_a_toy_gym(tmp_path, monkeypatch):
     (["--loss.agg", "sum"], "--loss: agg"),
     (["--batch_size", "3", "--mini_batch_size", "2"], "--mini_batch_size"),
     (["--user.backend", "http"], "--user.model"),
+    (["--data_dir", "/original"], "--gyms"),
+    (["--rollout.max_turns", "0"], "--rollout"),
 ])
 def test_bad_config_fails_before_any_model_is_loaded(argv, needle, monkeypatch):
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
