@@ -61,15 +61,17 @@ class UserConfig:
     api_key_env: str = "OPENAI_API_KEY"
     """http: the environment variable that holds the key (the key itself is never logged)"""
     temperature: float = 0.0
-    """the original's simulated users and judges are greedy"""
+    """http: the original's simulated users and judges are greedy (the hf user always is)"""
     max_tokens: int = 2048
     """per reply (the original's setting)"""
-    timeout: float = 30.0
-    """http: seconds per request"""
+    timeout: float = 60.0
+    """http: seconds per request (the original's 10 s cuts off long replies from a busy local server)"""
     max_retries: int = 3
     """http: retries with exponential backoff on timeouts, connection errors, 429 and 5xx"""
     max_concurrency: int = 64
     """http: requests in flight at once, over all episodes of a rank"""
+    extra_body: dict = field(default_factory=dict)
+    """http: merged into every request, e.g. {"chat_template_kwargs": {"enable_thinking": false}} for Qwen3"""
 
 
 @dataclass
@@ -239,11 +241,12 @@ def make_user(cfg: UserConfig):
     """None means the offline scripted user (envs.make_env builds it)."""
     if cfg.backend == "scripted":
         return None
-    if cfg.backend == "hf":
-        return users.make_user("hf", model=cfg.model, temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+    if cfg.backend == "hf":  # greedy, as the original's users
+        return users.make_user("hf", model=cfg.model, max_new_tokens=cfg.max_tokens)
     return users.make_user("http", base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
                            temperature=cfg.temperature, max_tokens=cfg.max_tokens, timeout=cfg.timeout,
-                           max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency)
+                           max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency,
+                           extra_body=cfg.extra_body)
 
 
 def shard(model, cfg: Config):

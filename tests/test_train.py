@@ -9,6 +9,7 @@ import torch
 
 import envs
 import train
+import users
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"time_generate", "time_user", "time_logprob", "time_update", "time_step"}
@@ -28,6 +29,15 @@ class DigitEnv(envs.Env):
     def step(self, text):
         reward = float(any(ch.isdigit() for ch in text.replace("<|im_end|>", "")))
         return f"Reward: {reward}", reward, True, {}
+
+
+class FlakyDigitEnv(DigitEnv):
+    """The digit gym whose user endpoint is down for tasks marked "down"."""
+
+    def step(self, text):
+        if self.task.get("down"):
+            raise users.UserError("the user endpoint is down")
+        return super().step(text)
 
 
 def small_cfg(tmp_path, *extra):
@@ -102,3 +112,24 @@ def test_bad_config_fails_before_any_model_is_loaded(argv, needle, monkeypatch):
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(train.ConfigError, match=needle):
         train.parse_config(argv)
+
+
+def test_user_config_builds_every_backend(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    assert train.make_user(train.UserConfig()) is None  # the envs build the scripted user
+    http = train.make_user(train.UserConfig(backend="http", model="m", base_url="http://127.0.0.1:9/v1",
+                                            extra_body={"top_k": 1}, max_concurrency=3))
+    assert (http.base_url, http.model, http.extra_body, http.max_concurrency) == ("http://127.0.0.1:9/v1", "m",
+                                                                                  {"top_k": 1}, 3)
+    hf = train.make_user(train.UserConfig(backend="hf", model="tiny", max_tokens=7))
+    assert hf.max_new_tokens == 7
+
+
+def test_failed_episodes_are_counted_and_left_out_of_the_update(tmp_path, monkeypatch):
+    monkeypatch.setitem(envs.GYMS, "digit", FlakyDigitEnv)
+    pool = {"digit": [{"id": "up"}, {"id": "down", "down": True}]}
+    m = read_metrics(train.train(small_cfg(tmp_path, "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2",
+                                           "--save_every", "0"), task_pool=pool))
+    assert [x["failed_episodes"] for x in m] == [16, 4]  # seed 0 draws only broken tasks first: the run goes on
+    assert all(x["end/user_failure"] == x["failed_episodes"] for x in m)
+    assert m[1]["end/done"] == 12 and m[1]["turns_mean"] == 1 and m[1]["grad_norm"] > 0
