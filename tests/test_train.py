@@ -133,3 +133,18 @@ def test_failed_episodes_are_counted_and_left_out_of_the_update(tmp_path, monkey
     assert [x["failed_episodes"] for x in m] == [16, 4]  # seed 0 draws only broken tasks first: the run goes on
     assert all(x["end/user_failure"] == x["failed_episodes"] for x in m)
     assert m[1]["end/done"] == 12 and m[1]["turns_mean"] == 1 and m[1]["grad_norm"] > 0
+
+
+def test_kl_to_a_reference_model_when_its_coefficient_is_positive(tmp_path, monkeypatch):
+    monkeypatch.setitem(envs.GYMS, "digit", DigitEnv)
+    pool = {"digit": [{"id": f"d{i}"} for i in range(4)]}
+    loads = []
+    real = train.load_model
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    m = read_metrics(train.train(small_cfg(tmp_path, "--steps", "2", "--lr", "1e-2", "--save_every", "0",
+                                           "--loss.kl_coef", "0.1"), task_pool=pool))
+    assert loads == ["tiny", "tiny"]  # the policy and, only because kl_coef > 0, the reference
+    assert m[0]["kl"] == 0.0 and m[1]["kl"] > 0  # identical at the start, apart after one update
+    loads.clear()
+    train.train(small_cfg(tmp_path / "nokl", "--steps", "1", "--save_every", "0"), task_pool=pool)
+    assert loads == ["tiny"]
