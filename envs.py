@@ -33,6 +33,9 @@ import users
 from function_rules import apply_rule, compile_rule, fmt_number
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+# The tool-backed gyms' scripted roles live next to their worlds, which import users for its parsers and keyword
+# rules; they join the scripted user's table here, where the gyms are assembled (users.py cannot import them).
+users.ROLES.update({**travel.ROLES, **retail.ROLES, **search.ROLES})
 
 # The one tool every gym exposes (the original's `interact_with_env`). This dict is what the chat template
 # renders into the system turn, so its wording is part of every prompt.

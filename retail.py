@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from users import mentions
+
 DATA_DIR = Path(__file__).resolve().parent / "data" / "tau"
 DB_SEED = 0
 N_USERS = 260
@@ -569,10 +571,6 @@ def reward(db: dict, task: dict, agent_messages: list) -> float:
 # The customer: a scripted rule, and the prompt for an LLM customer
 
 
-def _asks(text: str, words) -> bool:
-    return any(re.search(r"(?<!\w)" + re.escape(w) + r"(?!\w)", text, re.I) for w in words)
-
-
 DONE_WORDS = ("successfully", "has been cancelled", "has been canceled", "has been updated", "has been changed",
               "has been requested", "has been submitted", "have been requested", "is now", "done", "completed")
 
@@ -591,22 +589,22 @@ def customer_rule(customer: dict, history: list) -> str:
     last = history[-1]
     if customer["outputs"] and all(_normal(o) in _normal(" ".join(history)) for o in customer["outputs"]):
         return "Thank you, that's what I wanted to know. " + STOP
-    finished = [m for m in history if _asks(m, DONE_WORDS)]
-    if finished and _asks(last, DONE_WORDS) and all(
+    finished = [m for m in history if mentions(m, DONE_WORDS)]
+    if finished and mentions(last, DONE_WORDS) and all(
             any((r.get("order_id") or "address").lower() in m.lower() for m in finished) for r in reqs):
         return "That's everything, thank you! " + STOP
-    if _asks(last, ["email", "zip", "zip code", "verify", "identify", "identity", "authenticate", "your name",
-                    "full name"]):
+    if mentions(last, ["email", "zip", "zip code", "verify", "identify", "identity", "authenticate", "your name",
+                       "full name"]):
         if customer["identify_by"] == "email":
             return f"My email is {customer['email']}."
         return (f"I don't remember which email I used. My name is {customer['first_name']} "
                 f"{customer['last_name']} and my zip code is {customer['zip']}.")
-    if _asks(last, ["confirm", "proceed", "go ahead", "shall i", "should i", "would you like me", "yes or no"]):
+    if mentions(last, ["confirm", "proceed", "go ahead", "shall i", "should i", "would you like me", "yes or no"]):
         return "Yes, please go ahead."
     orders = [r["order_id"] for r in reqs if "order_id" in r]
-    if orders and _asks(last, ["order id", "order number", "which order"]):
+    if orders and mentions(last, ["order id", "order number", "which order"]):
         return "It's " + " and ".join(orders) + "."
-    if _asks(last, ["reason", "why"]) and any(r["kind"] == "cancel" for r in reqs):
+    if mentions(last, ["reason", "why"]) and any(r["kind"] == "cancel" for r in reqs):
         return "The reason: " + next(r["reason"] for r in reqs if r["kind"] == "cancel") + "."
     return "To be clear: " + " ".join(_restate(r) for r in reqs)
 

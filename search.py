@@ -18,13 +18,14 @@ import os
 import random
 import re
 import sys
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import requests
+
+import users
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "search"
 SPLITS = {"train": (1, 200), "test": (2, 80)}  # split -> (seed, number of questions)
@@ -292,7 +293,7 @@ class SerperSearch:
     max_retries: int = 3
     """retries after the first attempt, on timeouts, connection errors, 429 and 5xx"""
     backoff: float = 1.0
-    """seconds before the first retry, doubling after each"""
+    """seconds before the first retry, doubling after each (a Retry-After header can ask for longer)"""
 
     def __post_init__(self):
         if not os.environ.get(self.api_key_env):
@@ -304,27 +305,15 @@ class SerperSearch:
 
     def search(self, query: str) -> list:
         headers = {"X-API-KEY": os.environ.get(self.api_key_env, ""), "Content-Type": "application/json"}
-        attempts = self.max_retries + 1
-        for attempt in range(attempts):
-            try:
-                r = requests.post(self.url, json={"q": query, "num": self.k}, headers=headers, timeout=self.timeout)
-            except requests.Timeout:
-                problem = f"no reply within {self.timeout} s"
-            except requests.RequestException as e:
-                problem = f"connection failed ({type(e).__name__})"
-            else:
-                if r.status_code == 429 or r.status_code >= 500:
-                    problem = f"HTTP {r.status_code}"
-                elif r.status_code != 200:  # a bad key or request: asking again will not help
-                    raise self._fail(f"search API at {self.url}: HTTP {r.status_code}: {r.text[:200]!r}")
-                else:
-                    try:
-                        return self._results(r.json())
-                    except (ValueError, TypeError, AttributeError):
-                        raise self._fail(f"search API at {self.url}: malformed reply {r.text[:200]!r}") from None
-            if attempt + 1 < attempts:
-                time.sleep(self.backoff * 2 ** attempt)
-        raise self._fail(f"search API at {self.url}: {problem} (gave up after {attempts} attempts)")
+        return users.post_with_retries(requests.post, self.url, {"q": query, "num": self.k}, headers,
+                                       timeout=self.timeout, max_retries=self.max_retries, backoff=self.backoff,
+                                       read=self._read, fail=self._fail, where=f"search API at {self.url}")
+
+    def _read(self, r) -> list:
+        try:
+            return self._results(r.json())
+        except (ValueError, TypeError, AttributeError):
+            raise self._fail(f"search API at {self.url}: malformed reply {r.text[:200]!r}") from None
 
     def _results(self, body: dict) -> list:
         out = []
@@ -416,8 +405,7 @@ class SearchSession:
         if not exact_match(text, gold):
             reply = self.user.act("search.judge", judge_messages(self.task["question"], text, gold),
                                   question=self.task["question"], answer=text, gold=gold)
-            m = re.search(r"\b(yes|no)\b", re.sub(r"<think>.*?(</think>|$)", "", reply or "", flags=re.S), re.I)
-            if not (m and m.group(1).lower() == "yes"):
+            if users.extract_yes_no(reply) != "Yes":
                 return "That answer is not correct.", 0.0, False
         return "Correct.", 1.0, True
 

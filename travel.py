@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import users
+
 DATA_DIR = Path(__file__).resolve().parent / "data" / "travel"
 SPLITS = {"train": (1, 300), "test": (2, 100)}  # split -> (seed, number of tasks)
 BEST_REWARD, CORRECT_REWARD = 1.0, 0.8  # the original's: the cheapest fitting option, any fitting option
@@ -447,13 +449,9 @@ def dumps(tasks: list) -> str:
 # Scripted rules for the three roles. Each returns what its prompt asks an LLM to return.
 
 
-def _pattern(keyword: str) -> str:
-    words = [re.escape(w) for w in keyword.lower().split()]
-    return r"(?<!\w)" + r"\s+".join(words) + r"(?:s|es)?(?!\w)"  # whole words, a plural allowed
-
-
 def mentions(text: str, keywords) -> bool:
-    return any(re.search(_pattern(k), text, re.I) for k in keywords)
+    # whole words, a plural allowed ("bags" mentions "bag")
+    return users.mentions(text, keywords, plural=True)
 
 
 MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
@@ -563,17 +561,6 @@ def user_messages(mode: str, question: str, hint: str = "") -> list:
             {"role": "user", "content": f"The assistant said: {question}\n\n{task}"}]
 
 
-def _json_object(text: str):
-    """The first JSON object in an LLM reply (after any <think> block), or None."""
-    text = re.sub(r"<think>.*?(</think>|$)", "", text or "", flags=re.S)
-    start, end = text.find("{"), text.rfind("}")
-    try:
-        value = json.loads(text[start:end + 1]) if 0 <= start < end else None
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # One episode
 
@@ -605,7 +592,7 @@ class TravelSession:
             return SEARCH_FAILED, 0.0, False
         reply = self.user.act("travel.search_judge", search_judge_messages(query, self.arguments),
                               query=query, arguments=self.arguments)
-        aspect = (_json_object(reply) or {}).get("aspect")
+        aspect = (users.extract_json(reply) or {}).get("aspect")
         if not isinstance(aspect, str) or aspect not in self.aspects:
             return ("No results. Search for one thing at a time and state all of its details, e.g. a flight's "
                     "origin, destination and date, or a hotel's city and check-in and check-out dates."), 0.0, False
@@ -620,7 +607,7 @@ class TravelSession:
     def talk(self, message: str):
         reply = self.user.act("travel.question_judge", question_judge_messages(message, self.remaining),
                               question=message, preferences=self.remaining)
-        verdict = _json_object(reply) or {}
+        verdict = users.extract_json(reply) or {}
         kind = str(verdict.get("type", "")).strip()  # models write 2 or "2"
         pref = next((p for p in self.remaining if p["id"] == verdict.get("preference")), None)
         if kind == "2" and pref is not None:

@@ -8,7 +8,8 @@ persuade) it calls
 `messages` is the role's prompt (written in envs.py, next to the gym). An LLM backend answers it; the
 scripted backend ignores it and applies the deterministic rule registered for `role` in ROLES to `facts`,
 returning text in the same format the prompt asks the LLM for, so both go through the gym's same parser.
-The tool-backed gyms keep their roles' prompts and rules next to their worlds (travel.py, retail.py, search.py).
+The tool-backed gyms keep their roles' prompts and rules next to their worlds (travel.py, retail.py, search.py),
+which use this module's parsers, keyword matching and HTTP retries; envs.py adds their rules to ROLES.
 
     user = make_user("scripted")                                         # offline: rules, for tests and demos
     user = make_user("http", base_url="http://localhost:8000/v1",        # vLLM / SGLang / OpenAI
@@ -30,10 +31,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import requests
-
-import retail
-import search
-import travel
 
 
 class UserError(RuntimeError):
@@ -82,10 +79,11 @@ def extract_yes_no(text: str):
 
 
 @lru_cache(maxsize=8192)
-def _keyword_re(keyword: str):
+def _keyword_re(keyword: str, plural: bool = False):
     words = [re.escape(w) for w in keyword.lower().split()]
     # lookarounds instead of \b so that keywords such as "c++" or "after-school" still match whole
-    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.I) if words else None
+    end = r"(?:s|es)?(?!\w)" if plural else r"(?!\w)"
+    return re.compile(r"(?<!\w)" + r"\s+".join(words) + end, re.I) if words else None
 
 
 def keyword_spans(text: str, keywords) -> list:
@@ -97,8 +95,9 @@ def keyword_spans(text: str, keywords) -> list:
     return spans
 
 
-def mentions(text: str, keywords) -> bool:
-    return any(_keyword_re(kw) is not None and _keyword_re(kw).search(text) for kw in keywords)
+def mentions(text: str, keywords, plural: bool = False) -> bool:
+    """Does `text` contain one of `keywords` (with `plural`, also "bags" for "bag", "buses" for "bus")?"""
+    return any((p := _keyword_re(kw, plural)) is not None and p.search(text) for kw in keywords)
 
 
 def keyword_answer(question: str, yes, no) -> str:
@@ -187,8 +186,8 @@ ROLES = {
     "intention.evaluator": intention_evaluator,
     "persuade.persuadee": persuade_persuadee,
 }
-# The tool-backed gyms keep their roles' rules next to their worlds.
-ROLES.update({**travel.ROLES, **retail.ROLES, **search.ROLES})
+# The tool-backed gyms' roles (travel.py, retail.py, search.py) are added by envs.py: those modules import this
+# one, so importing them here would be circular.
 
 
 class ScriptedUser:
@@ -208,6 +207,50 @@ class ScriptedUser:
 
 # ----------------------------------------------------------------------------------------------------------
 # OpenAI-compatible HTTP endpoint (vLLM, SGLang, OpenAI, ...)
+
+
+def post_with_retries(post, url: str, body: dict, headers: dict, *, timeout: float, max_retries: int,
+                      backoff: float, read, fail, where: str = ""):
+    """POST `body` as JSON to `url` with `post` (requests.post or a Session's) and return `read(response)` of a
+    200 reply. Timeouts, connection errors, 429, 5xx and a reply that `read` finds malformed (it returns None)
+    are retried after `backoff` seconds, doubling each time (longer when a Retry-After header asks, up to 60 s);
+    any other status is final. Every failure raises `fail(message)`, the caller's error with its key hidden;
+    `where` names the endpoint in messages (default: the url). Shared by HTTPUser and search.SerperSearch."""
+    where = where or url
+    attempts = max_retries + 1
+    for attempt in range(attempts):
+        wait = backoff * 2 ** attempt
+        try:
+            r = post(url, json=body, headers=headers, timeout=timeout)
+        except requests.Timeout:
+            problem = f"no reply within {timeout} s"
+        except requests.RequestException as e:
+            problem = f"connection failed ({type(e).__name__})"
+        else:
+            if r.status_code == 429 or r.status_code >= 500:
+                problem = f"HTTP {r.status_code}: {r.text[:200]!r}"
+                retry_after = r.headers.get("Retry-After", "")
+                if retry_after.isdigit():
+                    wait = max(wait, min(float(retry_after), 60.0))
+            elif r.status_code != 200:  # 400, 401, 404...: asking again will not help
+                raise fail(f"{where}: HTTP {r.status_code}: {r.text[:300]!r}")
+            else:
+                result = read(r)
+                if result is not None:
+                    return result
+                problem = f"malformed response: {r.text[:200]!r}"
+        if attempt + 1 < attempts:
+            time.sleep(wait)
+    raise fail(f"{where}: {problem} (gave up after {attempts} attempts)")
+
+
+def _assistant_message(r):
+    """The assistant message of a chat-completions reply, or None when the reply is malformed (retried)."""
+    try:
+        message = r.json()["choices"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return {"role": "assistant", **message} if isinstance(message, dict) else None
 
 
 @dataclass
@@ -263,35 +306,10 @@ class HTTPUser:
         headers = {"Authorization": f"Bearer {self._key()}"} if self._key() else {}
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
-        attempts = self.max_retries + 1
         with self._slots:  # held through the backoff too, so a struggling server gets fewer requests, not more
-            for attempt in range(attempts):
-                wait = self.backoff * 2 ** attempt
-                try:
-                    r = self._local.session.post(self.url, json=body, headers=headers, timeout=self.timeout)
-                except requests.Timeout:
-                    problem = f"no reply within {self.timeout} s"
-                except requests.RequestException as e:
-                    problem = f"connection failed ({type(e).__name__})"
-                else:
-                    if r.status_code == 429 or r.status_code >= 500:
-                        problem = f"HTTP {r.status_code}: {r.text[:200]!r}"
-                        retry_after = r.headers.get("Retry-After", "")
-                        if retry_after.isdigit():
-                            wait = max(wait, min(float(retry_after), 60.0))
-                    elif r.status_code != 200:  # 400, 401, 404...: asking again will not help
-                        raise self._fail(f"{self.url}: HTTP {r.status_code}: {r.text[:300]!r}")
-                    else:
-                        try:
-                            message = r.json()["choices"][0]["message"]
-                            if not isinstance(message, dict):
-                                raise TypeError
-                            return {"role": "assistant", **message}
-                        except (ValueError, KeyError, IndexError, TypeError):
-                            problem = f"malformed response: {r.text[:200]!r}"
-                if attempt + 1 < attempts:
-                    time.sleep(wait)
-        raise self._fail(f"{self.url}: {problem} (gave up after {attempts} attempts)")
+            return post_with_retries(self._local.session.post, self.url, body, headers, timeout=self.timeout,
+                                     max_retries=self.max_retries, backoff=self.backoff, read=_assistant_message,
+                                     fail=self._fail)
 
     def reply(self, messages: list) -> str:
         content = self.complete(messages).get("content")
