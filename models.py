@@ -6,7 +6,7 @@
 
 The tiny model exists so that the demo and the tests run anywhere, with no GPU and no download: a Qwen3
 decoder (hidden 64, 2 layers, 4 heads) initialised from a seed, and a byte-level BPE tokenizer trained in
-well under a second on this repository's own text, wrapped as a `PreTrainedTokenizerFast` with the
+well under a second on this repository's own task data, wrapped as a `PreTrainedTokenizerFast` with the
 special tokens and a Qwen-style chat template that renders tool calls. It is the same code path as a real
 model everywhere else: rollout, log-probs, checkpoints.
 """
@@ -63,19 +63,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_corpus(max_bytes: int = 200_000) -> str:
-    """The text the tiny tokenizer is trained on: this repository's own modules, docs and task data.
+def tiny_corpus(bytes_per_file: int = 25_000) -> str:
+    """The text the tiny tokenizer is trained on: the start of each gym's training tasks (data/*/train.jsonl).
 
-    Sorted and capped so the result (and so the tokenizer) is a pure function of the checkout."""
-    files = sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("*.md")) + sorted(ROOT.glob("data/*/train.jsonl"))
-    parts, size = [], 0
-    for f in files:
-        text = f.read_text(encoding="utf-8", errors="ignore")[: max_bytes // 8]
-        parts.append(text)
-        size += len(text)
-        if size >= max_bytes:
-            break
-    return "\n".join(parts)
+    Task data, not code: editing a module must not change the tokenizer (and with it every tiny-model test)."""
+    files = sorted(ROOT.glob("data/*/train.jsonl"))
+    return "\n".join(f.read_text(encoding="utf-8")[:bytes_per_file] for f in files)
 
 
 def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB):

@@ -15,24 +15,24 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"time_generate", "time_user", "time_logprob", "time_update", "time_step"}
 
 
-class DigitEnv(envs.Env):
-    """A one-turn toy gym: reward 1 when the agent's text contains a digit. A random tiny model does this
-    about a third of the time, so GRPO has signal from the first step, and a sign or masking error in the
-    loss shows up as a reward that does not rise."""
+class CommaEnv(envs.Env):
+    """A one-turn toy gym: reward 1 when the agent's text contains a comma. A random tiny model writes one in
+    about a fifth of its 12-token replies, so GRPO has signal from the first step, and a sign or masking
+    error in the loss shows up as a reward that does not rise."""
 
-    name = "digit"
+    name = "comma"
     system_prompt = "Write anything. You have {max_turns} turn."
 
     def opening(self):
-        return "Say a number."
+        return "Say a list."
 
     def step(self, text):
-        reward = float(any(ch.isdigit() for ch in text.replace("<|im_end|>", "")))
+        reward = float("," in text)
         return f"Reward: {reward}", reward, True, {}
 
 
-class FlakyDigitEnv(DigitEnv):
-    """The digit gym whose user endpoint is down for tasks marked "down"."""
+class FlakyCommaEnv(CommaEnv):
+    """The comma gym whose user endpoint is down for tasks marked "down"."""
 
     def step(self, text):
         if self.task.get("down"):
@@ -73,8 +73,8 @@ def test_demo_command_runs_and_logs_every_field(tmp_path):
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     """Stop after step 2 and resume: steps 3-4 match an uninterrupted run (metrics and weights)."""
-    monkeypatch.setitem(envs.GYMS, "digit", DigitEnv)
-    pool = {"digit": [{"id": f"d{i}"} for i in range(8)]}
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
+    pool = {"comma": [{"id": f"d{i}"} for i in range(8)]}
     args = ["--lr", "1e-3", "--seed", "3"]
     full = train.train(small_cfg(tmp_path / "full", "--steps", "4", *args), task_pool=pool)
     part = train.train(small_cfg(tmp_path / "part", "--steps", "2", *args), task_pool=pool)
@@ -89,9 +89,9 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 
 def test_grpo_raises_the_reward_of_a_toy_gym(tmp_path, monkeypatch):
-    """The learning test: GRPO on the digit gym lifts the tiny model's mean reward clearly."""
-    monkeypatch.setitem(envs.GYMS, "digit", DigitEnv)
-    pool = {"digit": [{"id": f"d{i}"} for i in range(8)]}
+    """The learning test: GRPO on the comma gym lifts the tiny model's mean reward clearly."""
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
+    pool = {"comma": [{"id": f"d{i}"} for i in range(8)]}
     cfg = small_cfg(tmp_path, "--steps", "12", "--lr", "1e-2", "--batch_size", "4", "--group_size", "8",
                     "--mini_batch_size", "4", "--save_every", "0", "--transcripts", "0")
     rewards = [m["reward_mean"] for m in read_metrics(train.train(cfg, task_pool=pool))]
@@ -126,8 +126,8 @@ def test_user_config_builds_every_backend(monkeypatch):
 
 
 def test_failed_episodes_are_counted_and_left_out_of_the_update(tmp_path, monkeypatch):
-    monkeypatch.setitem(envs.GYMS, "digit", FlakyDigitEnv)
-    pool = {"digit": [{"id": "up"}, {"id": "down", "down": True}]}
+    monkeypatch.setitem(envs.GYMS, "comma", FlakyCommaEnv)
+    pool = {"comma": [{"id": "up"}, {"id": "down", "down": True}]}
     m = read_metrics(train.train(small_cfg(tmp_path, "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2",
                                            "--save_every", "0"), task_pool=pool))
     assert [x["failed_episodes"] for x in m] == [16, 4]  # seed 0 draws only broken tasks first: the run goes on
@@ -136,15 +136,16 @@ def test_failed_episodes_are_counted_and_left_out_of_the_update(tmp_path, monkey
 
 
 def test_kl_to_a_reference_model_when_its_coefficient_is_positive(tmp_path, monkeypatch):
-    monkeypatch.setitem(envs.GYMS, "digit", DigitEnv)
-    pool = {"digit": [{"id": f"d{i}"} for i in range(4)]}
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
+    pool = {"comma": [{"id": f"d{i}"} for i in range(4)]}
     loads = []
     real = train.load_model
     monkeypatch.setattr(train, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     m = read_metrics(train.train(small_cfg(tmp_path, "--steps", "2", "--lr", "1e-2", "--save_every", "0",
+                                           "--batch_size", "4", "--group_size", "8", "--mini_batch_size", "4",
                                            "--loss.kl_coef", "0.1"), task_pool=pool))
     assert loads == ["tiny", "tiny"]  # the policy and, only because kl_coef > 0, the reference
-    assert m[0]["kl"] == 0.0 and m[1]["kl"] > 0  # identical at the start, apart after one update
+    assert m[0]["kl"] == 0.0 and m[1]["kl"] > 0  # one update per step: identical in step 1, apart in step 2
     loads.clear()
     train.train(small_cfg(tmp_path / "nokl", "--steps", "1", "--save_every", "0"), task_pool=pool)
     assert loads == ["tiny"]
