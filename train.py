@@ -346,11 +346,12 @@ def dummy_hidden(model, pad_id: int, device, bf16: bool):
 
 
 @torch.no_grad()
-def recompute_logprobs(model, episodes, cfg: Config, pad_id: int, device) -> list[torch.Tensor]:
-    """Log-probs of each episode's generated tokens under `model` with the training forward: the PPO ratio's
-    denominator. Recomputed rather than taken from sampling so the ratio is exactly 1 before the first update
-    even when sampling ran in bf16 with a KV cache (the two are compared as `logprob_diff`)."""
-    out = []
+def recompute_logprobs(model, episodes, cfg: Config, pad_id: int, device) -> tuple[list, list]:
+    """Log-probs and entropies of each episode's generated tokens under `model` with the training forward: the
+    PPO ratio's denominator. Recomputed rather than taken from sampling so the ratio is exactly 1 before the
+    first update even when sampling ran in bf16 with a KV cache (the two are compared as `logprob_diff`);
+    the entropy comes from the same vocab pass."""
+    out, ents = [], []
     bf16 = cfg.dtype == "bfloat16"
     for sl in micro_slices(len(episodes), cfg.micro_batch_size, model):
         if sl.start == sl.stop:
@@ -359,12 +360,14 @@ def recompute_logprobs(model, episodes, cfg: Config, pad_id: int, device) -> lis
         ids, attn, sel = pack(episodes[sl], pad_id, device)
         h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
         w = head_weight(model)
-        lp = token_logprobs(h, w, ids[:, 1:][sel], temperature=cfg.rollout.temperature,
-                            chunk_size=chunk_tokens(w.shape[0], cfg.loss.chunk_mb))
-        out.extend(lp.float().cpu().split([int(s.sum()) for s in sel]))
+        lp, ent = token_logprobs(h, w, ids[:, 1:][sel], temperature=cfg.rollout.temperature,
+                                 chunk_size=chunk_tokens(w.shape[0], cfg.loss.chunk_mb), return_entropy=True)
+        counts = [int(s.sum()) for s in sel]
+        out.extend(lp.float().cpu().split(counts))
+        ents.extend(ent.float().cpu().split(counts))
     if is_fsdp(model):  # FSDP keeps the root's weights gathered after a forward that has no backward
         model.reshard()
-    return out
+    return out, ents
 
 
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -385,7 +388,11 @@ def update(model, optimizer, episodes, task_of, advs, old_lps, ref_lps, cfg: Con
     round-robin, so this rank holds m / world of them (local task index // (m / world) == k). The loss of each
     token is weighted with counts over ALL ranks (grpo.loss_weights), so summing the gradients of every
     micro-batch and rank gives the gradient of the whole mini-batch: N ranks make the same update as one
-    process with the same global batch (tests/test_distributed.py)."""
+    process with the same global batch (tests/test_distributed.py).
+
+    Episodes whose advantages are all 0 (every member of a zero-spread group) have a loss of exactly 0 when
+    there is no KL term, so they are not run through the model at all; they still count in the token and
+    sequence totals, so the update is the same as if they had been. The stats are over the trained tokens."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     per_rank = cfg.mini_batch_size // world
     n_updates = cfg.batch_size // cfg.mini_batch_size
@@ -394,9 +401,12 @@ def update(model, optimizer, episodes, task_of, advs, old_lps, ref_lps, cfg: Con
     for _ in range(cfg.ppo_epochs):
         for k in range(n_updates):
             idx = [i for i, t in enumerate(task_of) if t // per_rank == k]
+            totals = all_reduce(torch.tensor([sum(sum(episodes[i].loss_mask) for i in idx), len(idx)],
+                                             dtype=torch.float64)).tolist()
+            idx = [i for i in idx if has_gradient(advs[i], loss_cfg)]
             sums += mini_batch_update(model, optimizer, params, [episodes[i] for i in idx], [advs[i] for i in idx],
                                       [old_lps[i] for i in idx], None if ref_lps is None else [ref_lps[i] for i in idx],
-                                      loss_cfg, cfg, pad_id, device)
+                                      totals, loss_cfg, cfg, pad_id, device)
     sums = all_reduce(sums)
     out = {key: float(sums[3 + j] / max(float(sums[0]), 1.0)) for j, key in enumerate(STATS)}
     out["grad_norm"] = float(sums[1]) / (world * cfg.ppo_epochs * n_updates)  # every rank added the same norm
@@ -404,11 +414,18 @@ def update(model, optimizer, episodes, task_of, advs, old_lps, ref_lps, cfg: Con
     return out
 
 
-def mini_batch_update(model, optimizer, params, eps, advs, old_lps, ref_lps, loss_cfg, cfg: Config, pad_id, device):
-    """One optimizer update over this rank's share of a mini-batch, accumulated over micro-batches."""
+def has_gradient(advantages: torch.Tensor, loss_cfg: LossConfig) -> bool:
+    """Whether an episode's loss can have a non-zero gradient: some advantage is non-zero, or the KL term is on."""
+    return loss_cfg.kl_coef > 0 or bool(advantages.any())
+
+
+def mini_batch_update(model, optimizer, params, eps, advs, old_lps, ref_lps, totals, loss_cfg, cfg: Config, pad_id,
+                      device):
+    """One optimizer update over this rank's share of a mini-batch, accumulated over micro-batches. `totals`:
+    the mini-batch's (tokens, sequences) over all ranks, for the loss weights."""
     bf16 = cfg.dtype == "bfloat16"
     lens = [int(sum(e.loss_mask)) for e in eps]
-    n_tokens, n_seqs = all_reduce(torch.tensor([sum(lens), len(lens)], dtype=torch.float64)).tolist()
+    n_tokens, n_seqs = totals
     slices = micro_slices(len(eps), cfg.micro_batch_size, model)
     sums = torch.zeros(3 + len(STATS), dtype=torch.float64)
     for k, sl in enumerate(slices):
@@ -428,8 +445,11 @@ def mini_batch_update(model, optimizer, params, eps, advs, old_lps, ref_lps, los
         sums[0] += n
         sums[2] += loss.item()
         sums[3:] += torch.tensor([float(stats[key]) * n for key in STATS], dtype=torch.float64)
+    for p in params:  # a rank (or a mini-batch) with nothing to train still takes its AdamW step, on zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     if not is_fsdp(model) and dist.is_initialized():  # data parallel: one all-reduce (a sum) of every gradient
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        grads = [p.grad for p in params]
         flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]))
         for p, g in zip(params, flat.split([g.numel() for g in grads])):
             p.grad = g.view_as(p)
@@ -623,17 +643,20 @@ def train(cfg: Config, task_pool: dict | None = None) -> Path:
         advs = [torch.tensor(a, dtype=torch.float32) for a in token_advs]
         # 4. old (and reference) log-probs, recomputed with the training forward
         t1 = time.perf_counter()
-        old = recompute_logprobs(model, eps, cfg, pad_id, device)
-        ref = recompute_logprobs(ref_model, eps, cfg, pad_id, device) if ref_model is not None else None
+        old, ent = recompute_logprobs(model, eps, cfg, pad_id, device)
+        ref = recompute_logprobs(ref_model, eps, cfg, pad_id, device)[0] if ref_model is not None else None
         sampled = [torch.tensor([lp for lp, m in zip(e.logprobs, e.loss_mask) if m]) for e in eps]
-        diff = float(torch.cat([(a - b).abs() for a, b in zip(old, sampled)]).mean()) if eps else 0.0
+        gaps = torch.cat([(a - b).abs() for a, b in zip(old, sampled)] + [torch.zeros(0)])
+        ent = torch.cat(ent + [torch.zeros(0)])
+        n_tok, ent_sum, gap_sum = all_reduce(torch.tensor([len(ent), float(ent.sum()), float(gaps.sum())],
+                                                          dtype=torch.float64)).tolist()
         t2 = time.perf_counter()
         # 5. clipped-ratio updates
         upd = update(model, optimizer, eps, [group_of[i] for i in keep], advs, old, ref, cfg, pad_id, device, world)
         t3 = time.perf_counter()
         # 6. log, transcripts, checkpoint, evaluation
         m = {"step": step + 1, **episode_metrics(episodes, scores, [x for a in token_advs for x in a], [group_of[i] for i in keep], world),
-             **upd, "logprob_diff": diff, "time_generate": t_roll - time_user,
+             **upd, "entropy": ent_sum / max(n_tok, 1.0), "logprob_diff": gap_sum / max(n_tok, 1.0), "time_generate": t_roll - time_user,
              "time_user": time_user, "time_logprob": t2 - t1, "time_update": t3 - t2}
         if cfg.transcripts and rank == 0:
             write_transcripts(run_dir / "transcripts.jsonl", episodes[: cfg.transcripts], tokenizer, append=True)

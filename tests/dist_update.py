@@ -45,7 +45,7 @@ def main(out: str, fsdp: bool):
     turn_lens = [[sum(e.loss_mask[a:b]) for a, b in e.turn_spans] for e in eps]
     advs, _ = rewards.compute_advantages([e.turn_rewards for e in eps], turn_lens, task_of, credit="r2g")
     advs = [torch.tensor(a) for a in advs]
-    old = [lp - 0.05 for lp in train.recompute_logprobs(model, eps, cfg, tok.pad_token_id, device)]  # ratio != 1
+    old = [lp - 0.05 for lp in train.recompute_logprobs(model, eps, cfg, tok.pad_token_id, device)[0]]  # ratio != 1
     stats = train.update(model, optimizer, eps, task_of, advs, old, None, cfg, tok.pad_token_id, device, world)
     params = [(p.full_tensor() if fsdp else p).detach().clone() for p in model.parameters()]
     if rank == 0:

@@ -149,3 +149,31 @@ def test_kl_to_a_reference_model_when_its_coefficient_is_positive(tmp_path, monk
     loads.clear()
     train.train(small_cfg(tmp_path / "nokl", "--steps", "1", "--save_every", "0"), task_pool=pool)
     assert loads == ["tiny"]
+
+
+def test_episodes_without_gradient_are_skipped_without_changing_the_update(monkeypatch):
+    """A zero-spread group (all advantages 0, no KL) is not run through the model, yet the update is the one
+    computed with it: it still counts in the token-mean's denominator."""
+    from dist_update import fixed_episode
+
+    cfg = train.parse_config(["--batch_size", "2", "--group_size", "2", "--mini_batch_size", "2",
+                              "--micro_batch_size", "1", "--lr", "1e-3"])
+    results, calls = [], []
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(train, "has_gradient", lambda adv, loss_cfg: True)
+        model, tok = train.load_model("tiny", seed=0)
+        real_hidden = train.hidden_states
+        monkeypatch.setattr(train, "hidden_states", lambda *a: calls.append(skip) or real_hidden(*a))
+        eps = [fixed_episode(t, m, len(tok)) for t in range(2) for m in range(2)]
+        advs = [torch.zeros(sum(e.loss_mask)) for e in eps[:2]] + [torch.full((sum(e.loss_mask),), s)
+                                                                   for e, s in zip(eps[2:], (1.0, -1.0))]
+        old, _ = train.recompute_logprobs(model, eps, cfg, tok.pad_token_id, "cpu")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        stats = train.update(model, optimizer, eps, [0, 0, 1, 1], advs, old, None, cfg, tok.pad_token_id, "cpu", 1)
+        results.append(([p.detach().clone() for p in model.parameters()], stats))
+        monkeypatch.setattr(train, "hidden_states", real_hidden)
+    assert calls.count(True) == 4 + 2 and calls.count(False) == 4 + 4  # 4 old-log-prob forwards, then 2 vs 4
+    (skipped, s1), (full, s2) = results
+    assert max(float((p - q).abs().max()) for p, q in zip(skipped, full)) < 1e-6
+    assert abs(s1["grad_norm"] - s2["grad_norm"]) < 1e-5 * s2["grad_norm"]
