@@ -394,3 +394,96 @@ def make_user(backend: str = "scripted", **kwargs):
         return BACKENDS[backend](**kwargs)
     except TypeError as e:
         raise TypeError(f"{backend} user: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Starting the simulated user's own server (train.py --user.serve_cmd): the paper's user, Qwen3-32B, needs GPUs
+# of its own, so a one-box run starts it beside the trainer and points the http user at it.
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it; a race with another process is possible but rare)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UserServer:
+    """Runs `cmd`, any command that serves the OpenAI API on 127.0.0.1 (e.g. "vllm serve Qwen/Qwen3-32B --port
+    {port}"), as a child process in its own process group, with `env` added to its environment (train.py sets its
+    CUDA_VISIBLE_DEVICES to the GPUs kept for it). "{port}" in `cmd` becomes a free port. Its output goes to
+    `log_path`. `start()` returns the base url once `GET {base_url}/models` answers 200; a server that exits or
+    is not healthy within `timeout` seconds raises UserError with the last lines of its log. `close()` stops the
+    whole process group (SIGTERM, then SIGKILL after `grace` seconds); it is safe to call twice. Use it as a
+    context manager so every exit path stops it."""
+
+    def __init__(self, cmd: str, log_path, env: dict | None = None, timeout: float = 1800.0, grace: float = 30.0):
+        if not cmd.strip():
+            raise ValueError("user server: empty command")
+        self.port = free_port()
+        self.cmd = cmd.replace("{port}", str(self.port))
+        self.log_path, self.env, self.timeout, self.grace = log_path, dict(env or {}), timeout, grace
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc = None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-lines:]).rstrip()
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> str:
+        import shlex
+        import subprocess
+
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(shlex.split(self.cmd), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **self.env}, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.close()
+                raise UserError(f"user server exited with code {self.proc.returncode} before it was healthy: "
+                                f"{self.cmd!r}; last lines of {self.log_path}:\n{self.tail()}")
+            try:
+                if requests.get(self.base_url + "/models", timeout=5).status_code == 200:
+                    return self.base_url
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise UserError(f"user server not healthy after {self.timeout:.0f} s ({self.base_url}/models): {self.cmd!r}; "
+                        f"last lines of {self.log_path}:\n{self.tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def close(self):
+        import signal
+        import subprocess
+
+        if self.proc is not None:
+            # The whole group: servers such as vLLM start worker processes of their own.
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(self.grace)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever ignored SIGTERM, the leader or a worker
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
