@@ -154,7 +154,7 @@ def rollout_copy(model, dtype: torch.dtype):
                                       requires_grad=False) for p in params}
     out = copy.deepcopy(model, memo)
     if getattr(out, "is_activation_checkpointing", False):
-        out.gradient_checkpointing_disable()
+        out.activation_checkpointing_disable()
     return out.eval()
 
 

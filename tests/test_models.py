@@ -161,7 +161,7 @@ def test_rollout_copy_keeps_rope_exact_and_matches_the_training_forward():
 
 def test_refresh_rollout_copy_follows_the_trained_weights():
     model = _qwen3_geometry()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     rc = models.rollout_copy(model, torch.bfloat16)
     assert model.is_activation_checkpointing and not rc.is_activation_checkpointing and not rc.training
     with torch.no_grad():
