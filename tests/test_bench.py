@@ -44,3 +44,29 @@ def test_memory_shape_from_a_local_folder_and_a_clear_error_otherwise(tiny, tmp_
     assert s.root_params == model.model.embed_tokens.weight.numel() + model.model.norm.weight.numel()
     with pytest.raises(SystemExit, match="not in bench/shapes.py's table .known: Qwen3-0.6B"):
         memory.load_shape("nobody/NoSuchModel")
+
+
+def _errors(tree, path=""):
+    """Every "error" entry anywhere in a nested result."""
+    if isinstance(tree, dict):
+        return [f"{path}.{k}: {v}" for k, v in tree.items() if k == "error"] + \
+            [e for k, v in tree.items() for e in _errors(v, f"{path}.{k}")]
+    return []
+
+
+def test_gpu_smoke_quick_runs_every_part_on_cpu(capsys):
+    """The GPU smoke test's own code at toy shapes, so it cannot rot while no GPU runs it."""
+    smoke = _load("gpu_smoke")
+    out = smoke.main(["--quick", "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert not _errors(out), _errors(out)
+    loss = out["loss"]
+    assert loss["fp32_out_matmuls"] == {"mm": False, "addmm": False}          # the CPU has no such kernels
+    assert set(loss["fused"]) == {"0.25", "1", "4"} and loss["best_chunk_mb"] in (0.25, 1.0, 4.0)
+    for r in loss["fused"].values():
+        assert r["loss_diff_vs_naive"] < 1e-4 and r["grad_rel_err_hidden"] < 0.01 and r["grad_rel_err_weight"] < 0.01
+    gap = out["rollout"]["logprob_gap"]
+    assert gap["rollout_copy"]["max_abs_beyond_2000"] < gap["old_deepcopy_to_bf16"]["max_abs_beyond_2000"]
+    assert all(r["episodes"] == 32 and r["tokens_per_s"] > 0 for r in out["rollout"]["decode"].values())
+    steps = out["train"]["steps"]
+    assert len(steps) == 2 and all(s["time_update"] > 0 and "peak_mem_gb" in s for s in steps)
