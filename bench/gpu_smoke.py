@@ -28,7 +28,8 @@ JSON line (issue 11, "One command for any GPU").
             its peak_mem_gb/<phase> keys where train.py logs them ("not logged" otherwise).
 
 Each part runs under try/except (a failing part reports its error; the others still run) and within its own time
-limit: a part stops starting new measurements once its limit is reached, and (c) is killed at its limit.
+limit (90, 150 and 220 s, and --time-limit 470 s for all): a part starts no new measurement once its limit is
+reached (one already running, e.g. a compile, finishes), and (c) is killed at its limit.
 Progress goes to stderr; the last line on stdout is the JSON object. No GPU figures have been measured with this
 script yet (see the README's "GPU check").
 """
@@ -62,7 +63,7 @@ LIGER_A100 = {"liger_fused": {"peak_gb": 7.8, "ms": 327}, "torch": {"peak_gb": 3
 SHAPES = {
     False: dict(loss=dict(tokens=16 * 1024, hidden=4096, vocab=128_256, chunk_mb=(256, 1024, 4096), runs=3),
                 model=dict(QWEN3["Qwen3-0.6B"]), new_tokens=256, gap_tokens=2304, steps_new_tokens=128,
-                limits=dict(a=150, b=200, c=330)),
+                limits=dict(a=90, b=150, c=220)),
     True: dict(loss=dict(tokens=512, hidden=64, vocab=3000, chunk_mb=(0.25, 1, 4), runs=1),
                model=dict(QWEN3["Qwen3-0.6B"], layers=2, hidden=128, heads=2, kv_heads=1, intermediate=256,
                           vocab=4096),
@@ -131,12 +132,14 @@ def free(device):
 
 
 def loss_inputs(n: int, hidden: int, vocab: int, device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, hidden, generator=g).to(device, torch.bfloat16)
-    w = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(device, torch.bfloat16)   # logits ~ N(0, 1)
-    y = torch.randint(0, vocab, (n,), generator=g).to(device)
-    old = (-math.log(vocab) + torch.randn(n, generator=g) * 0.5).to(device)   # every branch of the clip occurs
-    adv = torch.randn(n, generator=g).to(device)
+    """Seeded inputs made on the device (half a billion weights would take seconds on the host)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    f32 = dict(generator=g, device=device)
+    h = torch.randn(n, hidden, **f32).to(torch.bfloat16)
+    w = (torch.randn(vocab, hidden, **f32) / hidden ** 0.5).to(torch.bfloat16)     # logits ~ N(0, 1)
+    y = torch.randint(0, vocab, (n,), **f32)
+    old = -math.log(vocab) + torch.randn(n, **f32) * 0.5       # near the policy's: every branch of the clip occurs
+    adv = torch.randn(n, **f32)
     return h, w, y, old, adv, torch.full((n,), 1.0 / n, device=device)
 
 
@@ -382,6 +385,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
     p.add_argument("--quick", action="store_true", help="toy shapes: the same code in under a minute on a CPU")
     p.add_argument("--parts", default="a,b,c", help="which parts to run, e.g. a,b")
+    p.add_argument("--time-limit", type=float, default=470, help="seconds for all parts together")
     args = p.parse_args(argv)
     import transformers
     transformers.utils.logging.disable_progress_bar()
@@ -402,9 +406,13 @@ def main(argv=None) -> dict:
                "c": lambda c: part_train(setup, device, c)}
     names = {"a": "loss", "b": "rollout", "c": "train"}
     for part in parts:
-        clock = Clock(setup["limits"][part])
+        limit = min(setup["limits"][part], args.time_limit - (time.perf_counter() - t_start))
+        if limit < 10:
+            result[names[part]] = {"skipped": f"--time-limit {args.time_limit:g} s reached"}
+            continue
+        clock = Clock(limit)
         t0 = time.perf_counter()
-        log(f"part ({part}) {names[part]}: limit {setup['limits'][part]} s")
+        log(f"part ({part}) {names[part]}: limit {limit:.0f} s")
         try:
             result[names[part]] = runners[part](clock)
         except Exception as e:   # noqa: BLE001  (one failing part must not hide the others)
