@@ -223,12 +223,13 @@ def peaks(items: list[Item]) -> dict:
 
 def report(cfg, gpus: int, s: Shape, prompt_tokens: int, gpu_gb: float) -> dict:
     items, facts = plan(cfg, gpus, s, prompt_tokens)
-    print(f"model {s.name}: {s.params / 1e9:.2f}B parameters (from {s.source}); hidden {s.hidden:,}, {s.layers} layers, "
+    print(f"model {s.name}: {s.params / 1e9:.2f}B parameters, hidden {s.hidden:,}, {s.layers} layers, "
           f"{s.heads}/{s.kv_heads} heads x {s.head_dim}, MLP {s.intermediate:,}, vocab {s.vocab:,}, "
-          f"{'tied' if s.tied else 'untied'} lm_head")
+          f"{'tied' if s.tied else 'untied'} lm_head\n  (shape from {s.source})")
     print(f"run: {gpus} GPU(s), {'FSDP2' if cfg.fsdp else 'data parallel' if gpus > 1 else 'one process'}, "
-          f"{cfg.dtype} compute, fp32 master weights, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}; "
-          f"rollout {facts['rollout_rows']} episodes at once x {facts['tokens_per_episode']:,} tokens "
+          f"{cfg.dtype} compute, fp32 master weights, gradient checkpointing "
+          f"{'on' if cfg.gradient_checkpointing else 'off'}\n"
+          f"  rollout {facts['rollout_rows']} episodes at once x {facts['tokens_per_episode']:,} tokens "
           f"({prompt_tokens:,} prompt + {cfg.rollout.max_episode_tokens:,}); micro-batch {cfg.micro_batch_size} "
           f"({facts['micro_batches_per_update']} per update); loss chunk {facts['chunk_tokens']:,} tokens")
     width = max(len(i.name) for i in items)
