@@ -20,9 +20,10 @@ are the biggest tensor of the whole step (8 rollouts x 8,192 tokens: 40 GB in fp
 Both chunked paths expect `hidden` to hold only the positions whose loss mask is 1: the trainer selects
 them before the vocab projection, so prompt, user and env tokens never reach the lm_head. Inputs may be
 bf16/fp16. What runs in which precision (see _logits and _project_back):
-  logits      CUDA: a bf16 matmul that writes fp32 (torch.mm(..., out_dtype=torch.float32)), so no logit is
-              rounded; CPU (no such kernel in torch 2.13): a bf16 matmul whose bf16 output is copied to fp32,
-              so each logit is rounded to bf16 first (spacing 0.125 for |logit| in [16, 32)).
+  logits      CUDA (the kernel is checked once per device type by fp32_out_matmuls): a bf16 matmul that writes
+              fp32 (torch.mm(..., out_dtype=torch.float32)), so no logit is rounded; CPU (no such kernel in
+              torch 2.13): a bf16 matmul whose bf16 output is copied to fp32, so each logit is rounded to bf16
+              first (spacing 0.125 for |logit| in [16, 32)).
   softmax, loss, entropy: fp32 everywhere.
   d hidden    the fp32 d logits tile rounded to the input dtype, one matmul, the result in the input dtype.
   d weight    summed over chunks into one fp32 buffer, cast to the weight's dtype once at the end. CUDA: the
