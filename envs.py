@@ -201,7 +201,13 @@ class Env:
     - `show_reward`: append "Reward: r" to observations; None follows `eval_mode` (the paper's training
       shows the reward, its evaluation does not).
     - `malformed`: "end" (the original) ends the episode at a malformed tool call, reward 0,
-      `info["end_reason"] = "malformed_call"`; "retry" answers it with an error observation and goes on."""
+      `info["end_reason"] = "malformed_call"`; "retry" answers it with an error observation and goes on.
+
+    `step`'s info: `turn`; `choice` (of the turn's last call); `calls` when a turn held several (all run, in order,
+    their observations joined by a blank line, the turn's reward the last one's); `error`, `missing_tool_call`,
+    `malformed_call` on a mistake; `end_reason` when the env itself ends the episode early ("malformed_call");
+    `truncated` at the turn limit; `user_fallback` when a user's reply could not be read; and the gym's own
+    (`score` in turtle, `covered` in intention, `stance` in persuade)."""
 
     name = "base"
     choices = ("action", "search", "answer")

@@ -654,7 +654,10 @@ class TravelSession:
                 # A chosen aspect's preferences are no longer up for discussion (the original removes them too).
                 self.remaining = [p for p in self.remaining if not p["id"].startswith(aspect["aspect"] + ".")]
                 reward += r
-                lines.append(f"Recorded {oid} as your choice for the {aspect['aspect']}.")
+                # as the original's feedback, say how good the choice was (it cannot be changed any more)
+                verdict = ("the best option" if r == BEST_REWARD else "it fits but is not the cheapest that does"
+                           if r else "it misses a preference")
+                lines.append(f"Recorded {oid} as your choice for the {aspect['aspect']}: {verdict}.")
         return " ".join(lines), max(reward, 0.0), self.all_best()
 
     def all_best(self) -> bool:

@@ -884,3 +884,16 @@ def test_any_import_order_works_and_the_scripted_user_needs_none(imports):
     code = "import random\nimport users\nuser = users.make_user('scripted')\n" + imports + PLAY_EVERY_GYM
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+def test_the_readme_example_of_a_new_gym_runs(monkeypatch):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = text[text.index("# gyms/echo.py"):]
+    namespace = {}
+    exec(code[:code.index("```")], namespace)
+    monkeypatch.setitem(envs.GYMS, "echo", namespace["EchoGym"])
+    env = envs.make_env("echo", {"id": "e", "word": "lantern"})
+    steps = play(env, ["[answer] kettle", env.expert_action(random.Random(0))])
+    assert [r for _, r, _, _ in steps] == [0.0, 1.0] and steps[-1][2]
+    with pytest.raises(ValueError, match="missing field 'word'"):
+        envs.make_env("echo", {"id": "e"})
