@@ -23,6 +23,7 @@ wrong, reward 0, and costs a turn.
 Import order: this module imports the gym modules at its bottom to build GYMS, and gyms/__init__.py imports
 this module first, so `import envs` and `import gyms.travel` both work.
 """
+import importlib
 import json
 import random
 import re
@@ -193,7 +194,8 @@ class Env:
     propagates out of `step`.
 
     Constructor arguments every gym takes (through `make_env(name, task, user, **overrides)`):
-    - `max_turns`: the turn limit; the turn that reaches it ends the episode (`info["truncated"]`), reward 0.
+    - `max_turns`: the turn limit; the turn that reaches it ends the episode (`info["truncated"]`) with that
+      turn's own reward and nothing more (the original pays no closing reward, not even TauGym).
     - `eval_mode`: False plays the paper's training settings, True its evaluation settings. Where a gym's
       two settings differ (TravelGym's search and preference rewards, whether observations show the
       reward) it follows this switch; a gym without a difference ignores it. One switch, so a trainer
@@ -248,7 +250,7 @@ class Env:
         checks deeper than types (FunctionGym compiles its rule here, so a bad rule fails when it is loaded)."""
         if not isinstance(task, dict):
             raise ValueError(f"a task must be a JSON object, not {type(task).__name__}")
-        for name, kind in cls.fields.items():
+        for name in cls.fields:
             if name not in task:
                 raise ValueError(f"missing field {name!r}")
         for name, kind in {**cls.optional_fields, **cls.fields}.items():
@@ -451,13 +453,19 @@ class ExpertAgent:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Registry and task data. A new gym is one module in gyms/ and one line here.
+# Registry and task data. A new gym is one module in gyms/ and one line here: (its name, its class in
+# gyms/<name>.py). Imported here, at the bottom, because the gym modules build on everything above.
 
-from gyms import function, intention, persuade, search, tau, telepathy, travel, turtle  # noqa: E402
-
-GYMS: dict = {"function": function.FunctionGym, "telepathy": telepathy.TelepathyGym, "turtle": turtle.TurtleGym,
-              "intention": intention.IntentionGym, "persuade": persuade.PersuadeGym, "travel": travel.TravelGym,
-              "tau": tau.TauGym, "search": search.SearchGym}
+GYMS: dict = {name: getattr(importlib.import_module(f"gyms.{name}"), cls) for name, cls in [
+    ("function", "FunctionGym"),
+    ("telepathy", "TelepathyGym"),
+    ("turtle", "TurtleGym"),
+    ("intention", "IntentionGym"),
+    ("persuade", "PersuadeGym"),
+    ("travel", "TravelGym"),
+    ("tau", "TauGym"),
+    ("search", "SearchGym"),
+]}
 
 
 def load_tasks(name: str, split: str = "train", data_dir: str | None = None) -> list[dict]:

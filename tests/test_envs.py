@@ -318,10 +318,6 @@ def tau_turns(task, act=True, report=True):
     return turns + ([f"[action] {said}"] if report else [])
 
 
-def search_turns(task):
-    return [f"[search] {hop}" for hop in task["hops"]] + [f"[answer] {task['answer']}"]
-
-
 def test_travel_episode_good_and_bad_policy_in_training_and_evaluation_settings():
     def expected(search_reward, preference_reward):  # per aspect a search, then one question per preference
         return [r for a in TRAVEL["aspects"] for r in [search_reward] + [preference_reward] * len(a["preferences"])]
@@ -371,8 +367,8 @@ def test_tau_episode_pays_the_tau_reward_at_every_kind_of_end():
 def test_search_episode_limits_and_backends(monkeypatch):
     env = envs.make_env("search", SEARCH)
     assert env.reset().startswith(SEARCH["question"])
-    steps = play(env, search_turns(SEARCH))
-    assert steps[0][0].startswith("1. ") and [r for _, r, _, _ in steps][-1] == 1.0 and env.episode_score() == 1.0
+    steps = expert_episode(env, random.Random(0))  # (text, observation, reward, done, info)
+    assert steps[0][1].startswith("1. ") and steps[-1][2] == 1.0 and env.episode_score() == 1.0
     bad = play(envs.make_env("search", SEARCH, max_turns=4), [f"[answer] {SEARCH['answer']} or Paris"] * 9)
     assert total(bad) == 0 and bad[-1][3]["truncated"]
     few = play(envs.make_env("search", SEARCH, max_searches=2), ["[search] a", "[search] b", "[search] c"])
