@@ -3,13 +3,13 @@
 A gym never talks to a model directly. For each LLM-backed role it plays (a quiz host, a judge, a person to
 persuade) it calls
 
-    user.act(role, messages, **facts)      # e.g. role "turtle.host", facts task=..., question=...
+    user.act(role, messages, rule=fn, **facts)   # e.g. role "turtle.host", rule host_rule, task=..., question=...
 
-`messages` is the role's prompt (written in envs.py, next to the gym). An LLM backend answers it; the
-scripted backend ignores it and applies the deterministic rule registered for `role` in ROLES to `facts`,
-returning text in the same format the prompt asks the LLM for, so both go through the gym's same parser.
-The tool-backed gyms keep their roles' prompts and rules next to their worlds (travel.py, retail.py, search.py),
-which use this module's parsers, keyword matching and HTTP retries; envs.py adds their rules to ROLES.
+`messages` is the role's prompt and `rule` the role's deterministic stand-in, both written in the gym's module
+(gyms/<name>.py). An LLM backend answers `messages` and ignores `rule`; the scripted backend ignores `messages`
+and returns `rule(**facts)`, text in the same format the prompt asks the LLM for, so both go through the gym's
+same parser. This module also holds what the gyms share for that: parsers of what an LLM wrote, keyword
+matching for the scripted rules, and HTTP retries.
 
     user = make_user("scripted")                                         # offline: rules, for tests and demos
     user = make_user("http", base_url="http://localhost:8000/v1",        # vLLM / SGLang / OpenAI
@@ -21,7 +21,6 @@ Its message never contains the API key.
 """
 import ast
 import json
-import math
 import os
 import re
 import threading
@@ -79,7 +78,7 @@ def extract_yes_no(text: str):
 
 
 @lru_cache(maxsize=8192)
-def _keyword_re(keyword: str, plural: bool = False):
+def keyword_re(keyword: str, plural: bool = False):
     words = [re.escape(w) for w in keyword.lower().split()]
     # lookarounds instead of \b so that keywords such as "c++" or "after-school" still match whole
     end = r"(?:s|es)?(?!\w)" if plural else r"(?!\w)"
@@ -89,7 +88,7 @@ def _keyword_re(keyword: str, plural: bool = False):
 def keyword_spans(text: str, keywords) -> list:
     spans = []
     for kw in keywords:
-        pattern = _keyword_re(kw)
+        pattern = keyword_re(kw)
         if pattern is not None:
             spans += [m.span() for m in pattern.finditer(text)]
     return spans
@@ -97,7 +96,7 @@ def keyword_spans(text: str, keywords) -> list:
 
 def mentions(text: str, keywords, plural: bool = False) -> bool:
     """Does `text` contain one of `keywords` (with `plural`, also "bags" for "bag", "buses" for "bus")?"""
-    return any((p := _keyword_re(kw, plural)) is not None and p.search(text) for kw in keywords)
+    return any((p := keyword_re(kw, plural)) is not None and p.search(text) for kw in keywords)
 
 
 def keyword_answer(question: str, yes, no) -> str:
@@ -113,90 +112,17 @@ def keyword_answer(question: str, yes, no) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Scripted roles: one function per role, registered in ROLES. Each returns what the role's prompt asks an LLM
-# to return. A later gym adds its roles the same way (a function and a line).
-
-
-def telepathy_answerer(task, question):
-    names = [task["entity"], *task.get("synonyms", [])]
-    return keyword_answer(question, [*names, *task["attributes"]["yes"]], task["attributes"]["no"])
-
-
-def telepathy_judge(task, guess):
-    # A guess names the thing and is short; "lion or giraffe" hedges, and a long list is not a guess.
-    names = [task["entity"], *task.get("synonyms", [])]
-    hit = [n for n in names if mentions(guess, [n])]
-    rest = guess
-    for n in hit:
-        rest = _keyword_re(n).sub(" ", rest)
-    correct = bool(hit) and len(rest.split()) <= 6 and not mentions(rest, ["or"])
-    return json.dumps({"correct": correct})
-
-
-def turtle_host(task, question):
-    return keyword_answer(question, task["host_facts"]["yes"], task["host_facts"]["no"])
-
-
-def criterion_score(story: str, groups) -> float:
-    """1 when every keyword group is matched, 0.5 when at least half are, else 0 (no groups: 0, unjudgeable)."""
-    if not groups:
-        return 0.0
-    matched = sum(mentions(story, group) for group in groups)
-    return 1.0 if matched == len(groups) else 0.5 if 2 * matched >= len(groups) else 0.0
-
-
-def turtle_judge(task, story):
-    return json.dumps({"scores": [criterion_score(story, c.get("keywords", [])) for c in task["criteria"]]})
-
-
-def intention_user(task, question):
-    # The person answers what was asked, picking their first option for every detail the question touches.
-    picks = [d["options"][0] for d in task["missing_details"] if d.get("options") and mentions(question, d.get("keywords", []))]
-    if not picks:
-        return "I don't have a particular preference about that."
-    return " ".join(p[0].upper() + p[1:] + "." for p in picks)
-
-
-def intention_evaluator(task, remaining, question):
-    covered = [i + 1 for i, d in enumerate(remaining) if mentions(question, d.get("keywords", []))]
-    return json.dumps({"covered": covered, "task_related": bool(covered)})
-
-
-def persuade_persuadee(task, stance, scale, history, argument):
-    # Moves toward disagreement by ceil(levels / counterpoints) per counterpoint raised for the first time,
-    # so raising every counterpoint reaches the far end of the scale; repetition and pressure move nothing.
-    points = task.get("counterpoints", [])
-    heard = {i for i, cp in enumerate(points) for h in history if mentions(h, cp["keywords"])}
-    new = [i for i, cp in enumerate(points) if i not in heard and mentions(argument, cp["keywords"])]
-    level = scale.index(stance)
-    if new:
-        level = min(len(scale) - 1, level + math.ceil((len(scale) - 1) / len(points)) * len(new))
-        response = "That is a point I had not weighed properly, and it does make me less sure."
-    else:
-        response = "I don't hear anything new in that, so I stay where I was."
-    return json.dumps({"response": response, "stance": scale[level]})
-
-
-ROLES = {
-    "telepathy.answerer": telepathy_answerer,
-    "telepathy.judge": telepathy_judge,
-    "turtle.host": turtle_host,
-    "turtle.judge": turtle_judge,
-    "intention.user": intention_user,
-    "intention.evaluator": intention_evaluator,
-    "persuade.persuadee": persuade_persuadee,
-}
-# The tool-backed gyms' roles (travel.py, retail.py, search.py) are added by envs.py: those modules import this
-# one, so importing them here would be circular.
+# The scripted backend
 
 
 class ScriptedUser:
-    """Deterministic rules per role; needs no model and no network."""
+    """Deterministic rules, no model and no network: `act` runs the rule the gym hands it for the role."""
 
-    def act(self, role: str, messages: list, **facts) -> str:
-        if role not in ROLES:
-            raise KeyError(f"no scripted rule for role {role!r}; known roles: {sorted(ROLES)}")
-        return ROLES[role](**facts)
+    def act(self, role: str, messages: list, rule=None, **facts) -> str:
+        if rule is None:
+            raise ValueError(f"scripted user: no rule for role {role!r}; a gym passes its rule as "
+                             "act(role, messages, rule=fn, **facts)")
+        return rule(**facts)
 
     def reply(self, messages: list) -> str:
         raise UserError("the scripted user has no free-form reply: it answers only a role, through act()")
@@ -297,8 +223,9 @@ class HTTPUser:
         key = self._key()
         return UserError(message.replace(key, "***") if key else message)
 
-    def complete(self, messages: list, tools: list | None = None) -> dict:
-        """The assistant message (a dict with `content` and maybe `tool_calls`) the endpoint returns."""
+    def complete(self, messages: list, tools: list | None = None, env=None) -> dict:
+        """The assistant message (a dict with `content` and maybe `tool_calls`) the endpoint returns. `env` is
+        ignored: rollout's agent loop passes it to every agent (envs.ExpertAgent reads it)."""
         body = {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, **self.extra_body}
         if tools:
