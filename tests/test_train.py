@@ -84,9 +84,15 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     args = ["--lr", "1e-3", "--seed", "3"]
     full = train.train(small_cfg(tmp_path / "full", "--steps", "4", *args), task_pool=pool)
     part = train.train(small_cfg(tmp_path / "part", "--steps", "2", *args), task_pool=pool)
+    # as if stopped after step 3's lines were written but before its checkpoint, mid-way through a line
+    for name in ("metrics.jsonl", "transcripts.jsonl"):
+        with open(part / name, "a") as f:
+            f.write(json.dumps({"step": 3, "info": {"step": 3}}) + '\n{"step": 3, "rew')
     train.train(train.parse_config(["--resume", str(part), "--steps", "4"]), task_pool=pool)
     a, b = read_metrics(full), read_metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
+    transcripts = [json.loads(line) for line in (part / "transcripts.jsonl").read_text().splitlines()]
+    assert [t["info"]["step"] for t in transcripts] == [1, 1, 2, 2, 3, 3, 4, 4]
     for x, y in zip(a, b):
         assert untimed(x) == untimed(y)
     ma, _ = train.load_model(str(full / "ckpt-000004"))
@@ -191,3 +197,48 @@ def test_episodes_without_gradient_are_skipped_without_changing_the_update(monke
     (skipped, s1), (full, s2) = results
     assert max(float((p - q).abs().max()) for p, q in zip(skipped, full)) < 1e-6
     assert abs(s1["grad_norm"] - s2["grad_norm"]) < 1e-5 * s2["grad_norm"]
+
+
+def test_each_episode_is_scored_once_per_step(tmp_path, monkeypatch):
+    import rewards
+
+    calls = []
+    real = rewards.SCORES["sum"]
+    monkeypatch.setitem(rewards.SCORES, "sum", lambda r, gamma: calls.append(1) or real(r, gamma))
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
+    train.train(small_cfg(tmp_path, "--steps", "1", "--save_every", "0"), task_pool={"comma": [{"id": "a"}]})
+    assert len(calls) == 2 * 4  # batch 2 x group 4
+
+
+def test_the_naive_loss_runs_with_fused_false_and_makes_the_same_update(tmp_path, monkeypatch):
+    """--loss.fused false trains with grpo.naive_grpo_loss (and never the fused one), to the same parameters."""
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
+    pool = {"comma": [{"id": f"d{i}"} for i in range(4)]}
+    used = []
+    for name in ("grpo_loss", "naive_grpo_loss"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
+    params, norms = {}, {}
+    for fused in ("true", "false"):
+        used.clear()
+        run_dir = train.train(small_cfg(tmp_path / fused, "--steps", "1", "--lr", "1e-2", "--loss.fused", fused,
+                                        "--batch_size", "4", "--group_size", "8", "--mini_batch_size", "4"),
+                              task_pool=pool)
+        assert set(used) == {"grpo_loss" if fused == "true" else "naive_grpo_loss"}
+        params[fused] = [p.detach() for p in train.load_model(str(run_dir / "ckpt-000001"))[0].parameters()]
+        norms[fused] = read_metrics(run_dir)[0]["grad_norm"]
+    assert abs(norms["true"] - norms["false"]) < 1e-5 * norms["true"] and norms["true"] > 0
+    # Adam's first step moves each parameter by about lr: rounding in the gradients may shift it by 1% of that
+    assert max(float((p - q).abs().max()) for p, q in zip(params["true"], params["false"])) < 1e-2 * 1e-2
+
+
+def test_the_sampling_temperature_reaches_the_old_logprobs_and_the_loss(tmp_path, monkeypatch):
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
+    seen = []
+    real_lp, real_loss = train.token_logprobs, train.grpo_loss
+    monkeypatch.setattr(train, "token_logprobs", lambda *a, **k: seen.append(("old", k["temperature"])) or real_lp(*a, **k))
+    monkeypatch.setattr(train, "grpo_loss", lambda *a, **k: seen.append(("loss", a[6].temperature)) or real_loss(*a, **k))
+    train.train(small_cfg(tmp_path, "--steps", "1", "--save_every", "0", "--rollout.temperature", "0.6",
+                          "--batch_size", "4", "--group_size", "8", "--mini_batch_size", "4"),
+                task_pool={"comma": [{"id": f"d{i}"} for i in range(4)]})
+    assert {kind for kind, _ in seen} == {"old", "loss"} and {temp for _, temp in seen} == {0.6}
