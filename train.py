@@ -687,10 +687,9 @@ def main(argv: list[str]):
         cfg = parse_config(argv)
         run_dir = train(cfg)
         demo = cfg.model == "tiny" and cfg.user.backend == "scripted" and distributed.rank() == 0
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    except DataError as e:
-        sys.exit(f"data error: {e}")
+    except (ConfigError, DataError) as e:  # the same line on every rank: rank 0 prints it
+        sys.exit(f"{'config' if isinstance(e, ConfigError) else 'data'} error: {e}" if os.environ.get("RANK", "0") == "0"
+                 else 1)
     except (Interrupted, KeyboardInterrupt) as e:  # one line, not a traceback
         print(str(e) or "interrupted before the run started; nothing was written", file=sys.stderr)
         sys.exit(130)

@@ -242,3 +242,19 @@ def test_the_sampling_temperature_reaches_the_old_logprobs_and_the_loss(tmp_path
                           "--batch_size", "4", "--group_size", "8", "--mini_batch_size", "4"),
                 task_pool={"comma": [{"id": f"d{i}"} for i in range(4)]})
     assert {kind for kind, _ in seen} == {"old", "loss"} and {temp for _, temp in seen} == {0.6}
+
+
+def test_peak_memory_per_phase_on_cuda(monkeypatch):
+    """On CUDA each phase logs its own peak (the counter is reset when the phase starts); on CPU nothing."""
+    peak = {"now": 0}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: peak.update(now=0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peak["now"])
+    m = {}
+    for name, used in (("rollout", 3 * 2 ** 30), ("logprob", 2 ** 29)):
+        with train.phase(m, name, torch.device("cuda", 0)):
+            peak["now"] = max(peak["now"], used)
+    assert (m["peak_mem_gb/rollout"], m["peak_mem_gb/logprob"]) == (3.0, 0.5) and m["time_rollout"] >= 0
+    with train.phase(m := {}, "update", torch.device("cpu")):
+        pass
+    assert list(m) == ["time_update"]
