@@ -185,6 +185,8 @@ def validate(cfg: Config):
     check(cfg.dtype in ("float32", "bfloat16"), "dtype", f"expected float32 or bfloat16, got {cfg.dtype!r}")
     check(cfg.device in ("auto", "cpu", "cuda"), "device", f"expected auto, cpu or cuda, got {cfg.device!r}")
     check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
+    check(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    check(cfg.grad_clip > 0, "grad_clip", f"must be > 0, got {cfg.grad_clip}")
     for key in ("steps", "rollout_tasks", "save_every", "eval_every", "eval_tasks", "transcripts"):
         check(getattr(cfg, key) >= 0, key, f"must be >= 0, got {getattr(cfg, key)}")
     for key in ("batch_size", "group_size", "mini_batch_size", "micro_batch_size", "ppo_epochs"):
@@ -298,9 +300,10 @@ def step(t: Trainer, n: int) -> dict:
     task_of = [mine[j // cfg.group_size] for j in range(len(episodes))]
     # 3. score and advantages, per group; episodes whose user failed are left out
     kept = [j for j, e in enumerate(episodes) if not e.failed]
-    train_batch = Batch([episodes[j] for j in kept], [task_of[j] for j in kept], [], t.tokenizer.pad_token_id)
-    scores, advantages = score_and_advantages(train_batch.episodes, train_batch.task, cfg)
-    train_batch.advantages = [torch.tensor(a, dtype=torch.float32) for a in advantages]
+    eps, groups = [episodes[j] for j in kept], [task_of[j] for j in kept]
+    scores, advantages = score_and_advantages(eps, groups, cfg)
+    train_batch = Batch(eps, groups, [torch.tensor(a, dtype=torch.float32) for a in advantages],
+                        t.tokenizer.pad_token_id)
     # 4. old log-probs (and the reference model's), recomputed with the training forward
     with phase(m, "logprob", device):
         train_batch.old_logprobs, entropies = recompute_logprobs(t.model, train_batch, cfg)
@@ -310,7 +313,7 @@ def step(t: Trainer, n: int) -> dict:
     with phase(m, "update", device):
         m.update(update(t.model, t.optimizer, train_batch, cfg))
     # 6. log, evaluate, checkpoint (the step's lines reach the disk before its checkpoint becomes the latest)
-    m.update(episode_metrics(episodes, scores, advantages, train_batch.task))
+    m.update(episode_metrics(episodes, scores, advantages, groups))
     m.update(logprob_metrics(train_batch, entropies))
     if cfg.eval_every and n % cfg.eval_every == 0:
         m.update(evaluate(t))
@@ -635,8 +638,9 @@ def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks) -
         if cfg.resume:
             print(f"resumed from {ckpt.name if ckpt else 'the start (no checkpoint yet)'} at step {start}; "
                   f"changed by this command: {', '.join(changes) or 'nothing'} (see resume-log.jsonl)")
-    return Trainer(cfg, run_dir, ranks, model, rollout_model, ref_model, tokenizer, optimizer, sampler, tasks.test,
-                   user, start)
+    return Trainer(cfg=cfg, run_dir=run_dir, ranks=ranks, model=model, rollout_model=rollout_model, ref_model=ref_model,
+                   tokenizer=tokenizer, optimizer=optimizer, sampler=sampler, test_tasks=tasks.test, user=user,
+                   start=start)
 
 
 class Interrupted(Exception):
@@ -687,9 +691,9 @@ def main(argv: list[str]):
         cfg = parse_config(argv)
         run_dir = train(cfg)
         demo = cfg.model == "tiny" and cfg.user.backend == "scripted" and distributed.rank() == 0
-    except (ConfigError, DataError) as e:  # the same line on every rank: rank 0 prints it
-        sys.exit(f"{'config' if isinstance(e, ConfigError) else 'data'} error: {e}" if os.environ.get("RANK", "0") == "0"
-                 else 1)
+    except (ConfigError, DataError) as e:
+        kind = "config" if isinstance(e, ConfigError) else "data"
+        sys.exit(f"{kind} error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # every rank has the same line
     except (Interrupted, KeyboardInterrupt) as e:  # one line, not a traceback
         print(str(e) or "interrupted before the run started; nothing was written", file=sys.stderr)
         sys.exit(130)
