@@ -204,7 +204,8 @@ def check_model(key: str, name: str):
     except OSError:
         pass  # not in the cache
     hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     if not offline:
         try:  # one quick request: without internet the hub client retries for half a minute, printing each try
             requests.head(hub, timeout=5)

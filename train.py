@@ -445,9 +445,9 @@ def mini_batch_update(model, optimizer, params: list, mb: Batch, totals: dict, c
         ids, attn, sel = pack(mb.episodes[sl], mb.pad_id, device)
         h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
         w = loss_weights(lens[sl], cfg.loss.agg, int(totals["tokens"]), int(totals["sequences"]), cfg.loss.norm_len)
-        cat = lambda xs: torch.cat(xs[sl]).to(device)  # noqa: E731
+        cat = lambda xs: None if xs is None else torch.cat(xs[sl]).to(device)  # noqa: E731
         loss, stats = loss_fn(h, head_weight(model), ids[:, 1:][sel], cat(mb.old_logprobs), cat(mb.advantages),
-                              w.to(device), cfg.loss, ref_logprobs=None if mb.ref_logprobs is None else cat(mb.ref_logprobs))
+                              w.to(device), cfg.loss, ref_logprobs=cat(mb.ref_logprobs))
         loss.backward()
         n = float(sel.sum())
         sums["tokens"] += n

@@ -236,8 +236,10 @@ def test_the_sampling_temperature_reaches_the_old_logprobs_and_the_loss(tmp_path
     monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
     seen = []
     real_lp, real_loss = train.token_logprobs, train.grpo_loss
-    monkeypatch.setattr(train, "token_logprobs", lambda *a, **k: seen.append(("old", k["temperature"])) or real_lp(*a, **k))
-    monkeypatch.setattr(train, "grpo_loss", lambda *a, **k: seen.append(("loss", a[6].temperature)) or real_loss(*a, **k))
+    monkeypatch.setattr(train, "token_logprobs",
+                        lambda *a, **k: seen.append(("old", k["temperature"])) or real_lp(*a, **k))
+    monkeypatch.setattr(train, "grpo_loss",
+                        lambda *a, **k: seen.append(("loss", a[6].temperature)) or real_loss(*a, **k))
     train.train(small_cfg(tmp_path, "--steps", "1", "--save_every", "0", "--rollout.temperature", "0.6",
                           "--batch_size", "4", "--group_size", "8", "--mini_batch_size", "4"),
                 task_pool={"comma": [{"id": f"d{i}"} for i in range(4)]})
