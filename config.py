@@ -162,9 +162,9 @@ def check_before_work(cfg, task_pool: dict | None = None) -> Tasks:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: cuda, but torch sees no GPU here (torch.cuda.is_available() is False); "
                           "use --device cpu")
-    if cfg.fsdp and world == 1:
-        raise ConfigError("--fsdp: FSDP2 shards the model over ranks, and this is one process; start one rank per "
-                          "GPU with torchrun --nproc_per_node N train.py ..., or drop --fsdp")
+    if cfg.fsdp and "RANK" not in os.environ:  # under torchrun one rank is fine: a group of one
+        raise ConfigError("--fsdp: FSDP2 shards the model over the ranks of a process group, and this process has "
+                          "none; start one rank per GPU with torchrun --nproc_per_node N train.py ..., or drop --fsdp")
     if cfg.batch_size % world or cfg.mini_batch_size % world:
         raise ConfigError(f"--batch_size ({cfg.batch_size}) and --mini_batch_size ({cfg.mini_batch_size}) must be "
                           f"multiples of the number of ranks ({world}): a group never spans ranks")
