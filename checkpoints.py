@@ -15,9 +15,8 @@ the exports of the trained policy.
 
     python checkpoints.py runs/<name>/ckpt-000005 OUT    # any checkpoint as a Hugging Face folder (one process)
 
-A checkpoint is each rank's shard, not a full copy gathered on rank 0: at the 4B recipe on 8 GPUs, 6.0 GB per GPU
-(fp32 weights and AdamW's two moments of its 1/8 of the parameters; bench/memory.py --checkpoint prints it). A
-folder that holds a run (a config, a checkpoint or metrics) is refused unless the run is resumed. Within a step,
+A checkpoint is each rank's shard, not a full copy gathered on rank 0: at the 4B recipe on 8 GPUs, 5.6 GB per GPU of
+45 GB (fp32 weights and AdamW's two moments; bench/memory.py's `disk:` line computes it from the shapes). A folder that holds a run (a config, a checkpoint or metrics) is refused unless the run is resumed. Within a step,
 the metrics and transcripts are appended and flushed to disk BEFORE the checkpoint is renamed into place, so the
 latest checkpoint's step always has its lines; on --resume, the lines of later steps are dropped (they are about
 to be redone). Checkpoints and exports are written to `.tmp-*` folders and renamed once complete on every rank, so
@@ -240,12 +239,24 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def resumable_state(model, optimizer) -> dict:
-    """The model's and the optimizer's state dicts as DCP reads and writes them: this rank's shards under FSDP2
-    (DTensors), the full tensors otherwise, keyed by parameter name."""
+def resumable_state(model, optimizer=None) -> dict:
+    """The model's (and the optimizer's) state dicts as DCP reads and writes them: this rank's shards under FSDP2
+    (DTensors), the full tensors otherwise, keyed by parameter name; each a view of the live tensors, so DCP loads
+    in place."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def untied(state: dict, model) -> dict:
+    """`state` without the second name of a tied weight (Qwen3-4B's lm_head is its embedding: 1.6 GB in fp32).
+    Loading the first name fills both, since they are one tensor."""
+    first = {}
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), name) != name}
+    return {**state, "model": {k: v for k, v in state["model"].items() if k not in tied}}
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, rank: int, keep_last: int):
@@ -257,7 +268,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     import torch.distributed.checkpoint as dcp
 
     final, tmp = run_dir / f"ckpt-{step:06d}", run_dir / f".tmp-ckpt-{step:06d}"
-    _dcp(dcp.save, resumable_state(model, optimizer), checkpoint_id=tmp)  # returns once .metadata is written
+    # returns once rank 0 has written .metadata, which it does after every rank has written its shard
+    _dcp(dcp.save, untied(resumable_state(model, optimizer), model), checkpoint_id=tmp)
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     if rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -294,7 +306,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, rank: int) -> dict:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = resumable_state(model, optimizer)
-    _dcp(dcp.load, state, checkpoint_id=ckpt)
+    _dcp(dcp.load, untied(state, model), checkpoint_id=ckpt)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     if (ckpt / f"rng-rank{rank}.pt").is_file():
@@ -330,14 +342,14 @@ def export_checkpoint(ckpt: Path, out: Path, dtype: str | None = None):
     is built as the run built it (its config.json), its weights loaded from `ckpt`, cast to `dtype` (the run's
     --dtype by default). For a run stopped before its end, or a step between exports."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     from models import load_model
 
     run = json.loads((ckpt.parent / "config.json").read_text())
     model, tokenizer = load_model(run["model"], seed=run["seed"])
-    state = {"model": get_model_state_dict(model)}
-    _dcp(dcp.load, state, checkpoint_id=ckpt)
+    state = resumable_state(model)
+    _dcp(dcp.load, untied(state, model), checkpoint_id=ckpt)
     set_model_state_dict(model, state["model"])
     export_model(out, model.to(getattr(torch, dtype or run["dtype"])), tokenizer)
 

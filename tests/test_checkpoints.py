@@ -1,6 +1,7 @@
 """Checkpoints a long run can afford (checkpoints.py, train.py): sharded resumable state written once per shard,
 exact resume on 1 and 2 ranks (data parallel and FSDP2), --keep_last, interrupted saves, Hugging Face exports in
 the training dtype, and old-format checkpoints refused with what to do."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -62,6 +63,8 @@ def test_two_ranks_resume_exactly_and_write_each_tensor_once(tmp_path, mode):
     assert set(shards) == {"__0_0.distcp", "__1_0.distcp"} and min(shards.values()) > 0.3 * max(shards.values())
     # one copy plus DCP's framing (about 1 kB per tensor shard, 10% at this toy size); written twice it is 2x
     assert sum(shards.values()) < 1.5 * state_bytes(ckpt)
+    names = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    assert "model.model.embed_tokens.weight" in names and "model.lm_head.weight" not in names  # tied: written once
     checkpoints.export_checkpoint(ckpt, tmp_path / "one-process", "float32")
     assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "one-process"), weights(part / "final")))
 
@@ -102,6 +105,22 @@ def test_bf16_exports_hold_the_trained_weights_cast_and_load_as_a_model(tmp_path
         trained = weights(tmp_path / f"{ckpt}-fp32")
         assert all(torch.equal(a, b.to(torch.bfloat16).float()) for a, b in zip(weights(run_dir / export), trained))
     assert not all(torch.equal(a, b) for a, b in zip(weights(run_dir / "export-000001"), weights(run_dir / "final")))
+
+
+def test_bench_memory_states_the_disk_a_run_uses(tmp_path):
+    """bench/memory.py's checkpoint and export sizes, computed from the shapes, are what a run writes (the tiny
+    model, bf16): the checkpoint's tensors (plus AdamW's step counts) and the export's weights file (plus its
+    header)."""
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "bench" / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    cfg = small_cfg(tmp_path / "run", "--steps", "1", "--dtype", "bfloat16")
+    run_dir = train.train(cfg, task_pool=POOL)
+    disk = {k: v * memory.GB for k, v in memory.disk_gb(cfg, 1, memory.load_shape("tiny")).items()}
+    params = list(train.load_model("tiny")[0].parameters())
+    assert disk["checkpoint"] + 4 * len(params) == state_bytes(run_dir / "ckpt-000001")  # + a float32 step each
+    size = (run_dir / "final" / "model.safetensors").stat().st_size
+    assert disk["export"] == 2 * sum(p.numel() for p in params) and 0 < size - disk["export"] < 0.01 * size
 
 
 def test_an_old_format_checkpoint_is_refused_with_what_to_do(tmp_path):
