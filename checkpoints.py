@@ -16,10 +16,11 @@ the exports of the trained policy.
     python checkpoints.py runs/<name>/ckpt-000005 OUT    # any checkpoint as a Hugging Face folder (one process)
 
 A checkpoint is each rank's shard, not a full copy gathered on rank 0: at the 4B recipe on 8 GPUs, 5.6 GB per GPU of
-45 GB (fp32 weights and AdamW's two moments; bench/memory.py's `disk:` line computes it from the shapes). A folder that holds a run (a config, a checkpoint or metrics) is refused unless the run is resumed. Within a step,
-the metrics and transcripts are appended and flushed to disk BEFORE the checkpoint is renamed into place, so the
-latest checkpoint's step always has its lines; on --resume, the lines of later steps are dropped (they are about
-to be redone). Checkpoints and exports are written to `.tmp-*` folders and renamed once complete on every rank, so
+45 GB (fp32 weights and AdamW's two moments; bench/memory.py's `disk:` line computes it from the shapes). A folder
+that holds a run (a config, a checkpoint or metrics) is refused unless the run is resumed. Within a step, the
+metrics and transcripts are appended and flushed to disk BEFORE the checkpoint is renamed into place, so the latest
+checkpoint's step always has its lines; on --resume, the lines of later steps are dropped (they are about to be
+redone). Checkpoints and exports are written to `.tmp-*` folders and renamed once complete on every rank, so
 an interrupted save never leaves a broken latest checkpoint; older checkpoints are deleted only after that.
 """
 import json
