@@ -325,7 +325,8 @@ def export_model(path: Path, model, tokenizer):
     dtype under both keys: `dtype` (transformers 5) and `torch_dtype` (what older transformers, and vLLM with
     them, read). One process calls it (rank 0)."""
     tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".tmp-old-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in (tmp, old):  # of an export cut short
+        shutil.rmtree(leftover, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     config = json.loads((tmp / "config.json").read_text())
