@@ -43,30 +43,31 @@ def state_bytes(ckpt: Path) -> int:
     return sum(m.size.numel() * m.properties.dtype.itemsize for m in meta.values() if hasattr(m, "size"))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_resume_exactly_and_write_each_tensor_once(tmp_path, mode):
-    """torchrun, 2 gloo ranks: a run stopped after step 2 and resumed matches an uninterrupted 4-step run (metrics
-    and final weights). Each rank writes its own file, and together they hold one copy of the state: shards under
-    FSDP2, and under data parallel each replicated tensor written by one rank. A 2-rank checkpoint also loads in one
-    process (DCP reshards)."""
+def test_two_ranks_resume_exactly_and_write_each_tensor_once(tmp_path):
+    """torchrun, 2 gloo ranks, data parallel and FSDP2: a run stopped after step 2 and resumed matches an
+    uninterrupted 4-step run (metrics and final weights). Each rank writes its own file, and together they hold one
+    copy of the state: shards under FSDP2, and under data parallel each replicated tensor written by one rank. A
+    2-rank checkpoint also loads in one process (DCP reshards)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "tests/dist_resume.py", str(tmp_path), *(["--fsdp"] if mode == "fsdp" else [])]
+           "tests/dist_resume.py", str(tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert [m["step"] for m in read_metrics(part)] == [1, 2, 3, 4]
-    assert [untimed(m) for m in read_metrics(full)] == [untimed(m) for m in read_metrics(part)]
-    assert all(torch.equal(a, b) for a, b in zip(weights(full / "final"), weights(part / "final")))
-    ckpt = part / "ckpt-000004"
-    shards = {f.name: f.stat().st_size for f in ckpt.glob("*.distcp")}
-    assert set(shards) == {"__0_0.distcp", "__1_0.distcp"} and min(shards.values()) > 0.3 * max(shards.values())
-    # one copy plus DCP's framing (about 1 kB per tensor shard, 10% at this toy size); written twice it is 2x
-    assert sum(shards.values()) < 1.5 * state_bytes(ckpt)
-    names = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    assert "model.model.embed_tokens.weight" in names and "model.lm_head.weight" not in names  # tied: written once
-    checkpoints.export_checkpoint(ckpt, tmp_path / "one-process", "float32")
-    assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "one-process"), weights(part / "final")))
+    for mode in ("ddp", "fsdp"):
+        full, part = tmp_path / mode / "full", tmp_path / mode / "part"
+        assert [m["step"] for m in read_metrics(part)] == [1, 2, 3, 4], mode
+        assert [untimed(m) for m in read_metrics(full)] == [untimed(m) for m in read_metrics(part)], mode
+        assert all(torch.equal(a, b) for a, b in zip(weights(full / "final"), weights(part / "final"))), mode
+        ckpt = part / "ckpt-000004"
+        shards = {f.name: f.stat().st_size for f in ckpt.glob("*.distcp")}
+        assert set(shards) == {"__0_0.distcp", "__1_0.distcp"}, mode
+        assert min(shards.values()) > 0.3 * max(shards.values()), (mode, shards)
+        # one copy plus DCP's framing (about 1 kB per tensor shard, 10% at this toy size); written twice it is 2x
+        assert sum(shards.values()) < 1.5 * state_bytes(ckpt), (mode, shards)
+        names = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        assert "model.model.embed_tokens.weight" in names and "model.lm_head.weight" not in names  # tied: once
+        checkpoints.export_checkpoint(ckpt, tmp_path / mode / "one-process", "float32")
+        assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / mode / "one-process"), weights(part / "final")))
 
 
 def test_keep_last_and_an_interrupted_save(tmp_path, monkeypatch):
