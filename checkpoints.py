@@ -366,5 +366,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if not (args.ckpt / ".metadata").is_file() or not (args.ckpt.parent / "config.json").is_file():
         sys.exit(f"error: {args.ckpt} is not a checkpoint folder of a run (RUN/ckpt-NNNNNN)")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     export_checkpoint(args.ckpt, args.out, args.dtype)
     print(f"wrote {args.out}")

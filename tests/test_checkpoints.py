@@ -43,11 +43,11 @@ def state_bytes(ckpt: Path) -> int:
     return sum(m.size.numel() * m.properties.dtype.itemsize for m in meta.values() if hasattr(m, "size"))
 
 
-def test_two_ranks_resume_exactly_and_write_each_tensor_once(tmp_path):
+def test_two_ranks_resume_exactly_and_write_each_tensor_once(tmp_path, capsys):
     """torchrun, 2 gloo ranks, data parallel and FSDP2: a run stopped after step 2 and resumed matches an
     uninterrupted 4-step run (metrics and final weights). Each rank writes its own file, and together they hold one
     copy of the state: shards under FSDP2, and under data parallel each replicated tensor written by one rank. A
-    2-rank checkpoint also loads in one process (DCP reshards)."""
+    2-rank checkpoint also loads in one process (DCP reshards), exported or resumed."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "tests/dist_resume.py", str(tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -68,6 +68,11 @@ def test_two_ranks_resume_exactly_and_write_each_tensor_once(tmp_path):
         assert "model.model.embed_tokens.weight" in names and "model.lm_head.weight" not in names  # tied: once
         checkpoints.export_checkpoint(ckpt, tmp_path / mode / "one-process", "float32")
         assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / mode / "one-process"), weights(part / "final")))
+    part = tmp_path / "fsdp" / "part"
+    train.train(train.parse_config(["--resume", str(part), "--steps", "5", "--fsdp", "false"]), task_pool=POOL)
+    assert "note: ckpt-000004 was written by 2 rank(s), this run has 1: the weights and optimizer state are " \
+           "resharded" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(part)] == [1, 2, 3, 4, 5]
 
 
 def test_keep_last_and_an_interrupted_save(tmp_path, monkeypatch):
