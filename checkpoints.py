@@ -225,11 +225,22 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _dcp(fn, *args, **kwargs):
-    # In one process DCP warns that it "assumes the intent" to save or load locally: it is ours
-    with warnings.catch_warnings():
+def _dcp(fn, state: dict, ckpt: Path):
+    """dcp.save or dcp.load of `state` at `ckpt`. DCP gathers every rank's failure into one CheckpointException,
+    a Ctrl-C too: that one is raised again as the KeyboardInterrupt it was (train.py makes it one line), any other
+    as one line naming each rank's error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with warnings.catch_warnings():  # in one process DCP warns that it "assumes the intent" to work locally: ours
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        return fn(*args, **kwargs)
+        try:
+            return fn(state, checkpoint_id=ckpt)
+        except CheckpointException as e:
+            errors = {rank: exc for rank, (exc, _) in sorted(e.failures.items())}
+        if any(isinstance(exc, KeyboardInterrupt) for exc in errors.values()):
+            raise KeyboardInterrupt
+        raise RuntimeError(f"checkpoint {ckpt}: dcp.{fn.__name__} failed: " +
+                           "; ".join(f"rank {r}: {type(exc).__name__}: {exc}" for r, exc in errors.items()))
 
 
 def _fsync_dir(path: Path):
@@ -270,7 +281,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
 
     final, tmp = run_dir / f"ckpt-{step:06d}", run_dir / f".tmp-ckpt-{step:06d}"
     # returns once rank 0 has written .metadata, which it does after every rank has written its shard
-    _dcp(dcp.save, untied(resumable_state(model, optimizer), model), checkpoint_id=tmp)
+    _dcp(dcp.save, untied(resumable_state(model, optimizer), model), tmp)
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     if rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -307,7 +318,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, rank: int) -> dict:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = resumable_state(model, optimizer)
-    _dcp(dcp.load, untied(state, model), checkpoint_id=ckpt)
+    _dcp(dcp.load, untied(state, model), ckpt)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     if (ckpt / f"rng-rank{rank}.pt").is_file():
@@ -351,7 +362,7 @@ def export_checkpoint(ckpt: Path, out: Path, dtype: str | None = None):
     run = json.loads((ckpt.parent / "config.json").read_text())
     model, tokenizer = load_model(run["model"], seed=run["seed"])
     state = resumable_state(model)
-    _dcp(dcp.load, untied(state, model), checkpoint_id=ckpt)
+    _dcp(dcp.load, untied(state, model), ckpt)
     set_model_state_dict(model, state["model"])
     export_model(out, model.to(getattr(torch, dtype or run["dtype"])), tokenizer)
 

@@ -75,23 +75,46 @@ def test_two_ranks_resume_exactly_and_write_each_tensor_once(tmp_path, capsys):
     assert [m["step"] for m in read_metrics(part)] == [1, 2, 3, 4, 5]
 
 
-def test_keep_last_and_an_interrupted_save(tmp_path, monkeypatch):
-    """--keep_last 1: each older checkpoint goes once a newer one is complete. A save cut short (after the DCP
-    shards, before the rename) leaves the last complete checkpoint in place and the latest; resume clears the
-    partial one and redoes the step."""
+@pytest.mark.parametrize("where", ["in dcp.save", "after the shards"])
+def test_keep_last_and_a_save_cut_short_by_ctrl_c(tmp_path, monkeypatch, where):
+    """--keep_last 1: each older checkpoint goes once a newer one is complete. Ctrl-C during a save (while DCP
+    writes, where DCP wraps it in its own exception; or after the shards, before the rename) ends the run with the
+    one-line message, leaves the last complete checkpoint in place and the latest; resume clears the partial one and
+    redoes the step."""
     run_dir = tmp_path / "run"
     train.train(small_cfg(run_dir, "--steps", "2", "--keep_last", "1"), task_pool=POOL)
     assert [c.name for c in checkpoints.checkpoints_in(run_dir)] == ["ckpt-000002"]
-    real = checkpoints.rng_state
-    monkeypatch.setattr(checkpoints, "rng_state", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "in dcp.save":
+        monkeypatch.setattr(torch, "save", ctrl_c)  # DCP writes each item with torch.save
+    else:
+        monkeypatch.setattr(checkpoints, "rng_state", ctrl_c)
     with pytest.raises(train.Interrupted, match="interrupted during step 3 of 3 \\(last checkpoint ckpt-000002\\)"):
         train.train(train.parse_config(["--resume", str(run_dir), "--steps", "3"]), task_pool=POOL)
-    assert (run_dir / ".tmp-ckpt-000003" / ".metadata").is_file()
+    assert (run_dir / ".tmp-ckpt-000003").is_dir()
     assert checkpoints.latest_checkpoint(run_dir) == run_dir / "ckpt-000002"
-    monkeypatch.setattr(checkpoints, "rng_state", real)
+    monkeypatch.undo()
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
     train.train(train.parse_config(["--resume", str(run_dir), "--steps", "3"]), task_pool=POOL)
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["ckpt-000003", "final"]
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_a_failed_save_is_one_line_naming_each_ranks_error_and_leaves_no_checkpoint(tmp_path, monkeypatch):
+    model, _ = train.load_model("tiny")
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(RuntimeError, match=f"^checkpoint {tmp_path}/.tmp-ckpt-000001: dcp.save failed: rank 0: "
+                                           "OSError: .Errno 28. No space left on device$"):
+        checkpoints.save_checkpoint(tmp_path, 1, model, optimizer, {}, 0, keep_last=2)
+    assert checkpoints.latest_checkpoint(tmp_path) is None
 
 
 def test_bf16_exports_hold_the_trained_weights_cast_and_load_as_a_model(tmp_path):
