@@ -1,6 +1,7 @@
-"""Checkpoints a long run can afford (checkpoints.py, train.py): sharded resumable state written once per shard,
-exact resume on 1 and 2 ranks (data parallel and FSDP2), --keep_last, interrupted saves, Hugging Face exports in
-the training dtype, and old-format checkpoints refused with what to do."""
+"""Checkpoints a long run can afford (checkpoints.py, train.py): sharded resumable state with each tensor written
+once, exact resume on 2 ranks (data parallel and FSDP2; one process: tests/test_train.py), resharding, --keep_last,
+saves cut short by Ctrl-C or failing, Hugging Face exports in the training dtype, bench/memory.py's disk figures,
+and old-format checkpoints refused with what to do."""
 import importlib.util
 import json
 import os
