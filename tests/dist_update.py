@@ -1,8 +1,9 @@
-"""One GRPO update on a fixed global batch, in one process or under torchrun (tests/test_distributed.py).
+"""One GRPO update on a fixed global batch of 4 tasks, in one process or under torchrun (tests/test_distributed.py).
+The tiny model with an untied lm_head, so that a rank's dummy forward leaves a parameter without a gradient.
 
     python tests/dist_update.py OUT.pt                                  # one process, the whole batch
-    torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt             # two ranks, tasks dealt round-robin
-    torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt --fsdp      # the same with FSDP2 sharding
+    torchrun --nproc_per_node 3 tests/dist_update.py OUT.pt             # 3 ranks: 2, 1 and 1 tasks, dealt round-robin
+    torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt --fsdp      # 2 ranks with FSDP2 sharding
 """
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import distributed  # noqa: E402
+import models  # noqa: E402
 import rewards  # noqa: E402
 import train  # noqa: E402
 from rollout import Episode  # noqa: E402
@@ -34,8 +36,9 @@ def fixed_episode(task: int, member: int, vocab: int) -> Episode:
 def main(out: str, fsdp: bool):
     cfg = train.parse_config(["--batch_size", str(TASKS), "--group_size", str(GROUP), "--mini_batch_size", "2",
                               "--micro_batch_size", "1", "--lr", "1e-3", "--ppo_epochs", "2", "--fsdp", str(fsdp)])
-    rank, world, device = distributed.setup(cfg.device)
-    model, tok = train.load_model("tiny", seed=0)
+    rank, world, device = distributed.setup(cfg.device, cfg.dist_timeout_min)
+    tok = models.build_tiny_tokenizer()
+    model = models.build_tiny_model(tok, seed=0, tie_word_embeddings=False)
     if fsdp:
         distributed.shard(model, bf16=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

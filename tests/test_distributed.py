@@ -1,35 +1,116 @@
-"""Multi-process training on CPU with torchrun (gloo): two ranks make the same update as one process,
-with plain data parallel and with FSDP2 sharding (train.update, distributed.py)."""
+"""Multi-process training on CPU (gloo). N ranks make the same update as one process: `train.update` with data
+parallel on 3 ranks (a batch of 4 tasks: shares of 2, 1 and 1) and with FSDP2 on 2; and the whole loop started
+by `python train.py --nproc 3` (FSDP2, a user server started for the run, evaluation with fewer test tasks than
+ranks) against one process: metrics and final parameters. Ctrl-C reaches every rank and ends with one line."""
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
+import envs
+import models
 import train
+from dist_train import add_comma_gym
+from test_train import read_metrics, untimed
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVER = f"{sys.executable} tests/openai_server.py --port {{port}} --model fake-user"
 
 
-def run(cmd):
+def run(cmd, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, **kw)
     assert p.returncode == 0, p.stderr[-3000:]
+    return p
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_make_the_same_update_as_one_process(tmp_path, mode):
-    run([sys.executable, "tests/dist_update.py", str(tmp_path / "one.pt")])
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "tests/dist_update.py", str(tmp_path / "two.pt"), *(["--fsdp"] if mode == "fsdp" else [])])
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    start, _ = train.load_model("tiny", seed=0)
+def torchrun(nproc: int, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+
+
+@pytest.fixture(scope="module")
+def one_process_update(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "one.pt"
+    run([sys.executable, "tests/dist_update.py", str(out)])
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("mode, nproc", [("ddp", 3), ("fsdp", 3)])
+def test_ranks_make_the_same_update_as_one_process(tmp_path, one_process_update, mode, nproc):
+    run(torchrun(nproc, "tests/dist_update.py", str(tmp_path / "n.pt"), *(["--fsdp"] if mode == "fsdp" else [])))
+    one, n = one_process_update, torch.load(tmp_path / "n.pt")
+    tok = models.build_tiny_tokenizer()
+    start = models.build_tiny_model(tok, seed=0, tie_word_embeddings=False)
     moved = max(float((p - q.detach()).abs().max()) for p, q in zip(one["params"], start.parameters()))
     assert moved > 1e-4  # the update did something
-    # Four AdamW updates of lr 1e-3: summation order differs between 1 and 2 ranks, so allow 1% of one step.
-    diffs = [float((p - q).abs().max()) for p, q in zip(one["params"], two["params"])]
+    # Four AdamW updates of lr 1e-3: summation order differs between 1 and N ranks, so allow 1% of one step.
+    diffs = [float((p - q).abs().max()) for p, q in zip(one["params"], n["params"])]
     assert max(diffs) < 1e-5, diffs
-    for key in ("clip_frac", "approx_kl", "entropy", "grad_norm"):
-        assert abs(one["stats"][key] - two["stats"][key]) < 1e-5 * max(1.0, abs(one["stats"][key])), key
+    for key in ("clip_frac", "approx_kl", "entropy", "grad_norm", "loss"):
+        assert abs(one["stats"][key] - n["stats"][key]) < 1e-5 * max(1.0, abs(one["stats"][key])), key
+
+
+LOOP = ["--steps", "2", "--gyms", '{"comma": 1}', "--eval_gyms", "comma", "--eval_every", "2", "--eval_tasks", "0",
+        "--batch_size", "4", "--group_size", "4", "--mini_batch_size", "2", "--micro_batch_size", "2",
+        "--rollout_tasks", "1", "--lr", "1e-3", "--seed", "1", "--rollout.max_new_tokens", "12",
+        "--rollout.max_turns", "3", "--rollout.progress", "false", "--rollout.end_on_no_tool_call", "false",
+        "--save_every", "2", "--transcripts", "0"]
+
+
+def test_python_train_py_nproc_3_runs_the_loop_of_one_process(tmp_path, monkeypatch):
+    """3 ranks for a batch of 4 tasks and 2 test tasks (one rank evaluates none), FSDP2, the simulated user served
+    by a command started for the run: the same metrics and weights as one process with the scripted user."""
+    monkeypatch.setattr(envs, "load_tasks", add_comma_gym(envs.GYMS, envs.load_tasks))
+    monkeypatch.setitem(envs.GYMS, "comma", envs.GYMS["comma"])
+    one = train.train(train.parse_config([*LOOP, "--out_dir", str(tmp_path / "one")]))
+    p = run([sys.executable, "tests/dist_train.py", *LOOP, "--out_dir", str(tmp_path / "three"), "--nproc", "3",
+             "--fsdp", "true", "--user.backend", "http", "--user.model", "fake-user", "--user.serve_cmd", SERVER])
+    three = tmp_path / "three"
+    assert "starting 3 rank(s) on the CPU" in p.stdout and "3 rank(s) on cpu" in p.stdout
+    a, b = read_metrics(one), read_metrics(three)
+    assert [m["step"] for m in b] == [1, 2] and "eval/comma" in b[1] and a[0]["grad_norm"] > 0
+    for x, y in zip(a, b):
+        x, y = untimed(x), untimed(y)
+        assert x.keys() == y.keys()
+        for key in x:  # sums in another order; a group's gradients cancel, so the grad norm keeps ~1e-5 of it
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+    ma, _ = train.load_model(str(one / "ckpt-000002"))
+    mb, _ = train.load_model(str(three / "ckpt-000002"))
+    with torch.no_grad():
+        assert max(float((p - q).abs().max()) for p, q in zip(ma.parameters(), mb.parameters())) < 1e-5
+    # the server: its output in the run folder, gone after the run
+    log = (three / "user-server.log").read_text()
+    port = int(log.split("http://127.0.0.1:")[1].split("/")[0])
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+    assert not (three / "train.lock").exists()
+
+
+def test_ctrl_c_reaches_every_rank_and_the_server_and_ends_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "tests/dist_train.py", "--nproc", "2", "--steps", "500", "--gyms", '{"comma": 1}',
+           "--rollout.progress", "false", "--save_every", "0", "--out_dir", str(out), "--user.backend", "http",
+           "--user.model", "fake-user", "--user.serve_cmd", SERVER]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-3000:]
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith("steps")]
+    assert len(lines) == 1 and lines[0].startswith("interrupted after step "), lines
+    assert lines[0].endswith(f"continue with: python train.py --resume {out}")
+    port = int((out / "user-server.log").read_text().split("http://127.0.0.1:")[1].split("/")[0])
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+    assert not (out / "train.lock").exists()
+    assert json.loads((out / "config.json").read_text())["nproc"] == 2
