@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
 import torch
 
+import distributed
 import envs
 import models
 import train
@@ -114,3 +116,10 @@ def test_ctrl_c_reaches_every_rank_and_the_server_and_ends_with_one_line(tmp_pat
         requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
     assert not (out / "train.lock").exists()
     assert json.loads((out / "config.json").read_text())["nproc"] == 2
+
+
+def test_a_rank_without_tasks_rolls_out_nothing(tiny):
+    """More ranks than tasks (a batch of 2 on 3 ranks): the third rank's share is empty."""
+    model, tok = tiny
+    t = SimpleNamespace(cfg=train.parse_config([]), model=model, rollout_model=model, tokenizer=tok, user=None)
+    assert distributed.deal(2, 2, 3) == [] and train.roll_out(t, [], [], 1) == ([], 0.0)
