@@ -20,7 +20,7 @@ import envs
 import models
 import train
 from dist_train import add_comma_gym
-from test_train import read_metrics, untimed
+from test_train import CommaEnv, read_metrics, untimed
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = f"{sys.executable} tests/openai_server.py --port {{port}} --model fake-user"
@@ -69,8 +69,8 @@ LOOP = ["--steps", "2", "--gyms", '{"comma": 1}', "--eval_gyms", "comma", "--eva
 def test_python_train_py_nproc_3_runs_the_loop_of_one_process(tmp_path, monkeypatch):
     """3 ranks for a batch of 4 tasks and 2 test tasks (one rank evaluates none), FSDP2, the simulated user served
     by a command started for the run: the same metrics and weights as one process with the scripted user."""
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)  # first, so that the test's end removes it again
     monkeypatch.setattr(envs, "load_tasks", add_comma_gym(envs.GYMS, envs.load_tasks))
-    monkeypatch.setitem(envs.GYMS, "comma", envs.GYMS["comma"])
     one = train.train(train.parse_config([*LOOP, "--out_dir", str(tmp_path / "one")]))
     p = run([sys.executable, "tests/dist_train.py", *LOOP, "--out_dir", str(tmp_path / "three"), "--nproc", "3",
              "--fsdp", "true", "--user.backend", "http", "--user.model", "fake-user", "--user.serve_cmd", SERVER])

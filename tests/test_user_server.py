@@ -17,6 +17,7 @@ import train
 import users
 from dist_train import add_comma_gym
 from openai_server import OpenAIServer
+from test_train import CommaEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 MSG = [{"role": "system", "content": "Answer Yes or No."}, {"role": "user", "content": "Is it big?"}]
@@ -113,8 +114,8 @@ SERVER = f"{sys.executable} tests/openai_server.py --port {{port}} --model fake-
 def run_main(monkeypatch, tmp_path, *argv) -> str:
     """`python tests/dist_train.py ARGV` in this process (the comma gym, one process); its exit message."""
     monkeypatch.chdir(ROOT)
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)  # first, so that the test's end removes it again
     monkeypatch.setattr(envs, "load_tasks", add_comma_gym(envs.GYMS, envs.load_tasks))
-    monkeypatch.setitem(envs.GYMS, "comma", envs.GYMS["comma"])
     with pytest.raises(SystemExit) as e:
         train.main(["--gyms", '{"comma": 1}', "--rollout.progress", "false", "--save_every", "0",
                     "--out_dir", str(tmp_path / "run"), *argv])
