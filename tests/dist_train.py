@@ -2,7 +2,9 @@
 ...` is `python train.py --nproc 3 ...` where `--gyms '{"comma": 1}' --eval_gyms comma` name the comma gym of
 tests/test_train.py (reward 1 when the reply holds a comma; the random tiny model writes one often enough for GRPO
 to have a signal). When train.py launches ranks, each rank runs this file again, so every rank has the gym.
+DIST_TRAIN_FAIL_RANK=r makes rank r exit with status 3 as it starts (a rank that dies).
 """
+import os
 import sys
 from pathlib import Path
 
@@ -25,5 +27,7 @@ def add_comma_gym(gyms: dict, load_tasks):
 
 
 if __name__ == "__main__":
+    if os.environ.get("RANK", "-") == os.environ.get("DIST_TRAIN_FAIL_RANK"):
+        sys.exit(3)
     envs.load_tasks = add_comma_gym(envs.GYMS, envs.load_tasks)
     train.main(sys.argv[1:], entry=__file__)

@@ -3,7 +3,7 @@ The tiny model with an untied lm_head, so that a rank's dummy forward leaves a p
 
     python tests/dist_update.py OUT.pt                                  # one process, the whole batch
     torchrun --nproc_per_node 3 tests/dist_update.py OUT.pt             # 3 ranks: 2, 1 and 1 tasks, dealt round-robin
-    torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt --fsdp      # 2 ranks with FSDP2 sharding
+    torchrun --nproc_per_node 3 tests/dist_update.py OUT.pt --fsdp      # the same with FSDP2 sharding
 """
 import sys
 from pathlib import Path

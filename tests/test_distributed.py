@@ -1,7 +1,9 @@
-"""Multi-process training on CPU (gloo). N ranks make the same update as one process: `train.update` with data
-parallel on 3 ranks (a batch of 4 tasks: shares of 2, 1 and 1) and with FSDP2 on 2; and the whole loop started
+"""Multi-process training on CPU (gloo). N ranks make the same update as one process: `train.update` on 3 ranks
+(a batch of 4 tasks: shares of 2, 1 and 1, so one rank has nothing in each mini-batch), with data parallel and
+with FSDP2 (an untied lm_head that a padding rank leaves without a gradient); and the whole loop started
 by `python train.py --nproc 3` (FSDP2, a user server started for the run, evaluation with fewer test tasks than
-ranks) against one process: metrics and final parameters. Ctrl-C reaches every rank and ends with one line."""
+ranks) against one process: metrics and final parameters. Ctrl-C reaches every rank and ends with one line; a
+rank that fails sets the launcher's exit status; either way the user server is stopped and the lock released."""
 import json
 import os
 import signal
@@ -12,7 +14,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import requests
 import torch
 
 import distributed
@@ -21,9 +22,9 @@ import models
 import train
 from dist_train import add_comma_gym
 from test_train import CommaEnv, read_metrics, untimed
+from test_user_server import SERVER, port_closed
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER = f"{sys.executable} tests/openai_server.py --port {{port}} --model fake-user"
 
 
 def run(cmd, **kw):
@@ -88,11 +89,7 @@ def test_python_train_py_nproc_3_runs_the_loop_of_one_process(tmp_path, monkeypa
     with torch.no_grad():
         assert max(float((p - q).abs().max()) for p, q in zip(ma.parameters(), mb.parameters())) < 1e-5
     # the server: its output in the run folder, gone after the run
-    log = (three / "user-server.log").read_text()
-    port = int(log.split("http://127.0.0.1:")[1].split("/")[0])
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-    assert not (three / "train.lock").exists()
+    assert port_closed(three / "user-server.log") and not (three / "train.lock").exists()
 
 
 def test_ctrl_c_reaches_every_rank_and_the_server_and_ends_with_one_line(tmp_path):
@@ -111,10 +108,7 @@ def test_ctrl_c_reaches_every_rank_and_the_server_and_ends_with_one_line(tmp_pat
     lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith("steps")]
     assert len(lines) == 1 and lines[0].startswith("interrupted after step "), lines
     assert lines[0].endswith(f"continue with: python train.py --resume {out}")
-    port = int((out / "user-server.log").read_text().split("http://127.0.0.1:")[1].split("/")[0])
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-    assert not (out / "train.lock").exists()
+    assert port_closed(out / "user-server.log") and not (out / "train.lock").exists()
     assert json.loads((out / "config.json").read_text())["nproc"] == 2
 
 
@@ -123,3 +117,13 @@ def test_a_rank_without_tasks_rolls_out_nothing(tiny):
     model, tok = tiny
     t = SimpleNamespace(cfg=train.parse_config([]), model=model, rollout_model=model, tokenizer=tok, user=None)
     assert distributed.deal(2, 2, 3) == [] and train.roll_out(t, [], [], 1) == ([], 0.0)
+
+
+def test_a_rank_that_fails_is_the_launchers_exit_status_and_the_server_stops(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "tests/dist_train.py", "--nproc", "2", "--gyms", '{"comma": 1}', "--out_dir",
+                        str(out), "--user.backend", "http", "--user.model", "fake-user", "--user.serve_cmd", SERVER],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "DIST_TRAIN_FAIL_RANK": "1"})
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert port_closed(out / "user-server.log") and not (out / "train.lock").exists()
