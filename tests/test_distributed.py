@@ -39,18 +39,18 @@ def torchrun(nproc: int, *args):
 
 
 @pytest.fixture(scope="module")
-def one_process_update(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one") / "one.pt"
-    run([sys.executable, "tests/dist_update.py", str(out)])
-    return torch.load(out)
+def updates(tmp_path_factory):
+    """The update of one process, and of 3 ranks with data parallel and with FSDP2 (one torchrun for both)."""
+    out = tmp_path_factory.mktemp("updates")
+    run([sys.executable, "tests/dist_update.py", str(out / "one.pt")])
+    run(torchrun(3, "tests/dist_update.py", str(out / "three.pt")))
+    return torch.load(out / "one.pt")["ddp"], torch.load(out / "three.pt")
 
 
-@pytest.mark.parametrize("mode, nproc", [("ddp", 3), ("fsdp", 3)])
-def test_ranks_make_the_same_update_as_one_process(tmp_path, one_process_update, mode, nproc):
-    run(torchrun(nproc, "tests/dist_update.py", str(tmp_path / "n.pt"), *(["--fsdp"] if mode == "fsdp" else [])))
-    one, n = one_process_update, torch.load(tmp_path / "n.pt")
-    tok = models.build_tiny_tokenizer()
-    start = models.build_tiny_model(tok, seed=0, tie_word_embeddings=False)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_three_ranks_make_the_same_update_as_one_process(updates, tiny, mode):
+    one, n = updates[0], updates[1][mode]
+    start = models.build_tiny_model(tiny[1], seed=0, tie_word_embeddings=False)
     moved = max(float((p - q.detach()).abs().max()) for p, q in zip(one["params"], start.parameters()))
     assert moved > 1e-4  # the update did something
     # Four AdamW updates of lr 1e-3: summation order differs between 1 and N ranks, so allow 1% of one step.
