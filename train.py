@@ -59,6 +59,8 @@ from users import UserConfig
 # The paper trains on Travel, Turtle, Persuade, Function and Tau and holds out Intention, Telepathy and Search
 # for evaluation. The demo trains on every gym it has.
 HELD_OUT = ("intention", "telepathy", "search")
+ALLOC_CONF = "expandable_segments:True"
+"""train.py's CUDA allocator setting (PYTORCH_CUDA_ALLOC_CONF) when the user has none: see main"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -698,7 +700,7 @@ def train(cfg: Config, task_pool: dict | None = None) -> Path:
         if launched:  # the launching process started it
             server = nullcontext(os.environ.get(distributed.USER_URL_ENV))
         else:
-            server = users.serve(cfg.user, run_dir / "user-server.log", plan_ranks(cfg).server_gpus)
+            server = serve_user(cfg, run_dir, plan_ranks(cfg).server_gpus)
         with server as user_url:
             t = set_up(cfg, run_dir, tasks, ranks, user_url)
             bar = tqdm(range(t.start + 1, cfg.steps + 1), initial=t.start, total=cfg.steps, desc="steps",
@@ -730,6 +732,13 @@ def claim_run_folder(cfg: Config) -> Path:
     return path
 
 
+def serve_user(cfg: Config, run_dir: Path, gpus: list):
+    """users.serve for this run: on `gpus`, its output in the run folder, and without the allocator setting train.py
+    makes for itself (main): the server's memory is its own business."""
+    drop = {"PYTORCH_CUDA_ALLOC_CONF": None} if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == ALLOC_CONF else {}
+    return users.serve(cfg.user, run_dir / "user-server.log", gpus, env=drop)
+
+
 def how_to_continue(run_dir: Path) -> str:
     return f"continue with: python train.py --resume {run_dir}" if (run_dir / "config.json").exists() else \
         "nothing was written"
@@ -743,7 +752,7 @@ def launch(cfg: Config, argv: list[str], plan: distributed.Plan, entry: str) -> 
     check_before_work(cfg, launching=True)
     run_dir = claim_run_folder(cfg)
     try:
-        with users.serve(cfg.user, run_dir / "user-server.log", plan.server_gpus) as user_url:
+        with serve_user(cfg, run_dir, plan.server_gpus) as user_url:
             env = {distributed.RUN_DIR_ENV: str(run_dir), **({distributed.USER_URL_ENV: user_url} if user_url else {}),
                    **({"CUDA_VISIBLE_DEVICES": ",".join(plan.train_gpus)} if plan.train_gpus else {})}
             print(f"starting {plan.nproc} rank(s)" + (f" on GPUs {','.join(plan.train_gpus)}" if plan.train_gpus
@@ -779,7 +788,7 @@ def main(argv: list[str], entry: str = __file__):
     # Read by torch when it first allocates on a GPU, so set before any CUDA work, and inherited by the ranks:
     # cached blocks grow in place rather than fragment as the KV cache and the micro-batches change size.
     if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
     launching = "RANK" not in os.environ  # the process a person started (a rank of torchrun is not)
     report = distributed.launched_run_dir() is None  # ranks of launch() leave the messages to the launching process
     if launching:  # SIGTERM as Ctrl-C, so every `finally` runs: the user server is stopped, the lock released

@@ -404,10 +404,11 @@ def free_port() -> int:
 
 class UserServer:
     """Runs `cmd`, any command that serves the OpenAI API on 127.0.0.1 (e.g. "vllm serve Qwen/Qwen3-32B --port
-    {port}"), as a child process in its own process group, with `env` added to its environment (train.py sets its
-    CUDA_VISIBLE_DEVICES to the GPUs kept for it). "{port}" in `cmd` becomes a free port. Its output goes to
-    `log_path`. `start()` returns the base url once `GET {base_url}/models` answers 200; a server that exits or
-    is not healthy within `timeout` seconds raises UserError with the last lines of its log. `close()` stops the
+    {port}"), as a child process in its own process group, with `env` applied to this process's environment (a
+    value of None removes the variable; train.py sets CUDA_VISIBLE_DEVICES to the GPUs kept for it). "{port}" in
+    `cmd` becomes a free port. Its output goes to `log_path`. `start()` returns the base url once
+    `GET {base_url}/models` answers 200; a server that exits or is not healthy within `timeout` seconds raises
+    UserError with the last lines of its log. `close()` stops the
     whole process group (SIGTERM, then SIGKILL after `grace` seconds); it is safe to call twice. Use it as a
     context manager so every exit path stops it, and `watch(on_exit)` to hear of a server that dies during the
     run."""
@@ -434,8 +435,9 @@ class UserServer:
         import subprocess
 
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(shlex.split(self.cmd), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env}, start_new_session=True)
+        env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
+        self.proc = subprocess.Popen(shlex.split(self.cmd), stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -495,16 +497,17 @@ class UserServer:
 
 
 @contextmanager
-def serve(cfg: UserConfig, log_path, gpus: list):
+def serve(cfg: UserConfig, log_path, gpus: list, env: dict | None = None):
     """The server `cfg.serve_cmd` for the length of a `with` block (train.py: the whole run) on `gpus` (its
-    CUDA_VISIBLE_DEVICES), its output in `log_path`; yields its base URL, or None when there is no command. It is
+    CUDA_VISIBLE_DEVICES; `env`: more of its environment, as UserServer takes it), its output in `log_path`;
+    yields its base URL, or None when there is no command. It is
     started and probed (it must serve `cfg.model`) before the block and stopped on every way out of it. If it exits
     while the block runs, the main thread is interrupted as by Ctrl-C, and the block ends with UserError and the
     last lines of its log, however the interruption was handled on its way out."""
     if not cfg.serve_cmd:
         yield None
         return
-    server = UserServer(cfg.serve_cmd, log_path, env={"CUDA_VISIBLE_DEVICES": ",".join(gpus)},
+    server = UserServer(cfg.serve_cmd, log_path, env={"CUDA_VISIBLE_DEVICES": ",".join(gpus), **(env or {})},
                         timeout=cfg.serve_timeout)
     print(f"user server: {server.cmd} (GPUs: {','.join(gpus) or 'none'}; output in {log_path}) ...", flush=True)
     died = []

@@ -114,6 +114,7 @@ SERVER = f"{sys.executable} tests/openai_server.py --port {{port}} --model fake-
 def run_main(monkeypatch, tmp_path, *argv) -> str:
     """`python tests/dist_train.py ARGV` in this process (the comma gym, one process); its exit message."""
     monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # main sets it for training, not for the server
     monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)  # first, so that the test's end removes it again
     monkeypatch.setattr(envs, "load_tasks", add_comma_gym(envs.GYMS, envs.load_tasks))
     with pytest.raises(SystemExit) as e:
@@ -133,9 +134,12 @@ def port_closed(log: Path) -> bool:
 
 def test_a_server_that_fails_to_start_stops_the_run_before_any_model_loads(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    dying = f"{sys.executable} -c \"print('CUDA out of memory on port {{port}}'); raise SystemExit(3)\""
+    dying = (f"{sys.executable} -c \"import os; print('CUDA out of memory on port {{port}}', "
+             "repr(os.environ.get('CUDA_VISIBLE_DEVICES')), os.environ.get('PYTORCH_CUDA_ALLOC_CONF')); "
+             "raise SystemExit(3)\"")
     line = run_main(monkeypatch, tmp_path, *SERVE, dying)
     assert line.startswith("user server exited with code 3 before it was healthy") and "CUDA out of memory" in line
+    assert "'' None" in line  # no GPUs kept for it (--user.serve_gpus 0), and none of train.py's allocator setting
     assert not (tmp_path / "run" / "train.lock").exists() and not (tmp_path / "run" / "config.json").exists()
     # a server of another model: the probe names both
     line = run_main(monkeypatch, tmp_path, *SERVE, SERVER.replace("fake-user", "other-model"))
