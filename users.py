@@ -408,10 +408,9 @@ class UserServer:
     value of None removes the variable; train.py sets CUDA_VISIBLE_DEVICES to the GPUs kept for it). "{port}" in
     `cmd` becomes a free port. Its output goes to `log_path`. `start()` returns the base url once
     `GET {base_url}/models` answers 200; a server that exits or is not healthy within `timeout` seconds raises
-    UserError with the last lines of its log. `close()` stops the
-    whole process group (SIGTERM, then SIGKILL after `grace` seconds); it is safe to call twice. Use it as a
-    context manager so every exit path stops it, and `watch(on_exit)` to hear of a server that dies during the
-    run."""
+    UserError with the last lines of its log. `close()` stops the whole process group (SIGTERM, then SIGKILL after
+    `grace` seconds); it is safe to call twice. Use it as a context manager so every exit path stops it, and
+    `watch(on_exit)` to hear of a server that dies during the run."""
 
     def __init__(self, cmd: str, log_path, env: dict | None = None, timeout: float = 1800.0, grace: float = 30.0):
         if not cmd.strip():
