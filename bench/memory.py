@@ -10,7 +10,7 @@ Face cache (a hub id downloaded before; never the network), or bench/shapes.py's
 Parameter counts come from the transformers model class itself, built on the meta device (no memory).
 
 Phases (the columns): startup (train.set_up: the model is loaded on the CPU, the rollout copy cast there and moved
-to the GPU, then fully_shard moves one decoder block at a time to the GPU and keeps this rank's shard of it),
+to the GPU, then fully_shard moves one group at a time to the GPU and keeps this rank's shard of it),
 rollout (KV-cached generation on the rollout copy), logprob (old log-probs, a no-grad forward of the training
 model), loss (the fused GRPO loss of one micro-batch, after its forward), backward (the decoder's backward, one
 layer recomputed at a time with gradient checkpointing; under FSDP2 each micro-batch's gradients are
@@ -175,9 +175,10 @@ def plan(cfg, gpus: int, s: Shape, prompt_tokens: int = 1152) -> tuple[list[Item
     if cfg.loss.kl_coef > 0:
         add("reference model fp32, full (kl_coef > 0)", 4 * P, ALL[1:])
     add("CUDA context, workspaces, NCCL (rough)", CONTEXT_GB * GB, ALL)
-    # --- start-up: loaded on the CPU; fully_shard moves one block at a time to the GPU, then keeps its shard
+    # --- start-up: loaded on the CPU; fully_shard moves one group at a time to the GPU (a block, then the root:
+    # embeddings, final norm, lm_head), then keeps its shard
     if cfg.fsdp:
-        add("fully_shard: one block in full fp32", 4 * Pb, ("startup",))
+        add("fully_shard: largest group in full fp32", 4 * max(Pb, Pr), ("startup",))
     # --- rollout
     add(f"KV cache {copy_dtype}: {rows} x {T:,} tokens x {kv_token:,} B", rows * T * kv_token, ("rollout",))
     add("today: KV growth by torch.cat (one layer)", rows * T * kv_token / s.layers, ("rollout",))
