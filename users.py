@@ -499,10 +499,10 @@ class UserServer:
 def serve(cfg: UserConfig, log_path, gpus: list, env: dict | None = None):
     """The server `cfg.serve_cmd` for the length of a `with` block (train.py: the whole run) on `gpus` (its
     CUDA_VISIBLE_DEVICES; `env`: more of its environment, as UserServer takes it), its output in `log_path`;
-    yields its base URL, or None when there is no command. It is
-    started and probed (it must serve `cfg.model`) before the block and stopped on every way out of it. If it exits
-    while the block runs, the main thread is interrupted as by Ctrl-C, and the block ends with UserError and the
-    last lines of its log, however the interruption was handled on its way out."""
+    yields its base URL, or None when there is no command. It is started and probed (it must serve `cfg.model`)
+    before the block and stopped on every way out of it. If it exits while the block runs, the main thread is
+    interrupted as by Ctrl-C, and the block ends with UserError and the last lines of its log, however the
+    interruption was handled on its way out."""
     if not cfg.serve_cmd:
         yield None
         return
