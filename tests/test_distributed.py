@@ -84,8 +84,8 @@ def test_python_train_py_nproc_3_runs_the_loop_of_one_process(tmp_path, monkeypa
         assert x.keys() == y.keys()
         for key in x:  # sums in another order; a group's gradients cancel, so the grad norm keeps ~1e-5 of it
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
-    ma, _ = train.load_model(str(one / "ckpt-000002"))
-    mb, _ = train.load_model(str(three / "ckpt-000002"))
+    ma, _ = train.load_model(str(one / "final"))  # the exports of step 2 (a ckpt-N folder holds DCP shards)
+    mb, _ = train.load_model(str(three / "final"))
     with torch.no_grad():
         assert max(float((p - q).abs().max()) for p, q in zip(ma.parameters(), mb.parameters())) < 1e-5
     # the server: its output in the run folder, gone after the run
