@@ -106,6 +106,38 @@ def test_loss_equals_a_hand_computation():
         torch.testing.assert_close(hidden.grad[1:], torch.zeros(3, 3), atol=1e-7, rtol=0)
 
 
+def test_asymmetric_clip_k3_approx_kl_and_the_log_ratio_clamp_by_hand():
+    """clip_low and clip_high each bound their own side, approx_kl is k3 = r - 1 - log r, and log-ratios are clamped
+    to +-20 (no dual clip here, so a ratio of e^5 reaches the loss as it is)."""
+    hidden = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 2, 0], [0, 0, 1]], requires_grad=True)
+    weight = torch.eye(3, requires_grad=True)
+    targets = torch.tensor([0, 0, 1, 2])
+    logp = torch.log_softmax(hidden.detach(), -1).gather(1, targets[:, None])[:, 0]
+    log_ratio = torch.tensor([math.log(1.25), math.log(0.85), 5.0, -30.0])
+    adv = torch.tensor([1.0, -1.0, -2.0, 1.0])
+    # token 0: A > 0, r = 1.25 inside (1 - 0.1, 1 + 0.3): -A r = -1.25, not clipped (a swapped clip cuts it at 1.1)
+    # token 1: A < 0, r = 0.85 under 1 - 0.1: max(0.85, 0.9) = 0.9, clipped (a swapped clip lets 0.85 through)
+    # token 2: A < 0, r = e^5: -A r = 2 e^5, no dual clip to cap it
+    # token 3: A > 0, log r = -30 clamped to -20: -e^-20; its k3 is e^-20 - 1 + 20 (29 without the clamp)
+    expected = (-1.25 + 0.9 + 2 * math.exp(5) - math.exp(-20)) / 4
+    k3 = [1.25 - 1 - math.log(1.25), 0.85 - 1 - math.log(0.85), math.exp(5) - 6, math.exp(-20) + 19]
+    cfg = grpo.LossConfig(clip_low=0.1, clip_high=0.3, dual_clip=0)
+    w = torch.full((4,), 0.25)
+    for fn in (grpo.grpo_loss, grpo.naive_grpo_loss):
+        hidden.grad = weight.grad = None
+        loss, stats = fn(hidden, weight, targets, logp - log_ratio, adv, w, cfg)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+        assert stats["approx_kl"].item() == pytest.approx(sum(k3) / 4, rel=1e-6)
+        assert stats["clip_frac"].item() == 0.25
+        # token 0's gradient is w (-A r) (onehot - softmax); the clip leaves token 1 none
+        p0 = torch.softmax(hidden.detach()[0], -1)
+        torch.testing.assert_close(hidden.grad[0], 0.25 * -1.25 * (torch.tensor([1.0, 0, 0]) - p0))
+        assert hidden.grad[1].abs().max() == 0
+    info = grpo.policy_loss(torch.zeros(2), torch.tensor([-30.0, 30.0]), torch.tensor([-1.0, 1.0]), cfg)[1]
+    assert info["approx_kl"].tolist() == pytest.approx([math.exp(20) - 21, math.exp(-20) + 19], rel=1e-6)
+
+
 # ---- fused training path vs naive
 
 
