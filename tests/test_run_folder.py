@@ -38,6 +38,20 @@ def test_a_folder_that_holds_a_run_is_refused_and_left_as_it_was(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["lr"] == 1e-3
 
 
+@pytest.mark.parametrize("left", ["metrics.jsonl", "ckpt-000001"])
+def test_a_folder_with_only_metrics_or_a_checkpoint_holds_a_run(tmp_path, left):
+    """What a run leaves before its config.json is written again (a crash, a copy) still marks the folder as used."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if left.startswith("ckpt"):
+        (run_dir / left).mkdir()
+    else:
+        (run_dir / left).write_text('{"step": 1}\n')
+    with pytest.raises(train.ConfigError, match="already holds a run"):
+        checkpoints.open_run(run_dir, resume=False)
+    assert checkpoints.open_run(run_dir, resume=True) == "" and (run_dir / checkpoints.LOCK).exists()
+
+
 def test_config_json_is_written_only_once_the_model_has_loaded(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("out of memory")
@@ -71,13 +85,15 @@ def test_a_live_lock_keeps_a_second_process_out_and_a_stale_one_is_taken_over(tm
 
 def test_resume_records_what_the_overrides_change_and_keeps_the_checkpoints_model(tmp_path, capsys, monkeypatch):
     run_dir = run(tmp_path / "run", "--lr", "1e-3", "--save_every", "1")
-    lrs, real = [], train.update
-    monkeypatch.setattr(train, "update", lambda model, opt, *a: lrs.append(opt.param_groups[0]["lr"]) or
-                        real(model, opt, *a))
-    train.train(train.parse_config(["--resume", str(run_dir), "--steps", "2", "--lr", "2e-3"]), task_pool=POOL)
-    assert lrs == [2e-3]  # the override, not the lr saved with the optimizer state
+    seen, real = [], train.update
+    monkeypatch.setattr(train, "update", lambda model, opt, *a: seen.append(
+        (opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"])) or real(model, opt, *a))
+    train.train(train.parse_config(["--resume", str(run_dir), "--steps", "2", "--lr", "2e-3", "--weight_decay", "0.3"]),
+                task_pool=POOL)
+    assert seen == [(2e-3, 0.3)]  # the overrides, not the values saved with the optimizer state
     log = [json.loads(line) for line in (run_dir / "resume-log.jsonl").read_text().splitlines()]
-    assert log[0]["step"] == 1 and log[0]["changes"] == {"lr": [1e-3, 2e-3], "steps": [1, 2]}
+    assert log[0]["step"] == 1 and log[0]["changes"] == {"lr": [1e-3, 2e-3], "steps": [1, 2],
+                                                         "weight_decay": [0.01, 0.3]}
     assert "lr 0.001 -> 0.002" in capsys.readouterr().out
     assert json.loads((run_dir / "config.json").read_text())["lr"] == 2e-3  # the next --resume continues from here
     with pytest.raises(train.ConfigError, match=f"--model: a resumed run .* pass --model {run_dir}/final"):

@@ -86,9 +86,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     full = train.train(small_cfg(tmp_path / "full", "--steps", "4", *args), task_pool=pool)
     part = train.train(small_cfg(tmp_path / "part", "--steps", "2", *args), task_pool=pool)
     # as if stopped after step 3's lines were written but before its checkpoint, mid-way through a line
-    for name in ("metrics.jsonl", "transcripts.jsonl"):
+    # (each file's records keep their step where that file keeps it: metrics at the top, transcripts in info)
+    for name, line in (("metrics.jsonl", {"step": 3}), ("transcripts.jsonl", {"gym": "comma", "info": {"step": 3}})):
         with open(part / name, "a") as f:
-            f.write(json.dumps({"step": 3, "info": {"step": 3}}) + '\n{"step": 3, "rew')
+            f.write(json.dumps(line) + '\n{"step": 3, "rew')
     train.train(train.parse_config(["--resume", str(part), "--steps", "4"]), task_pool=pool)
     a, b = read_metrics(full), read_metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
