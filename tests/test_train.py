@@ -93,8 +93,12 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     train.train(train.parse_config(["--resume", str(part), "--steps", "4"]), task_pool=pool)
     a, b = read_metrics(full), read_metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
-    transcripts = [json.loads(line) for line in (part / "transcripts.jsonl").read_text().splitlines()]
-    assert [t["info"]["step"] for t in transcripts] == [1, 1, 2, 2, 3, 3, 4, 4]
+    tasks = {}
+    for run in (full, part):
+        transcripts = [json.loads(line) for line in (run / "transcripts.jsonl").read_text().splitlines()]
+        tasks[run] = [(t["info"]["step"], t["info"]["task_id"]) for t in transcripts]
+    assert [step for step, _ in tasks[part]] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert tasks[part] == tasks[full]  # the task sampler went on where it stopped (the comma gym ignores the task)
     for x, y in zip(a, b):
         assert untimed(x) == untimed(y)
     ma, _ = train.load_model(str(full / "final"))
