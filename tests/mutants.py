@@ -218,7 +218,7 @@ MUTANTS = [
     Mutant("checkpoints.py", 'torch.save({"step": step, "world"', 'torch.save({"step": step - 1, "world"', (RESUME,),
            "a checkpoint records the wrong step"),
     Mutant("checkpoints.py", "    if resume:  # what a save", "    if False:  # what a save",
-           ("tests/test_checkpoints.py::test_keep_last_and_a_save_cut_short_by_ctrl_c",),
+           (f"{FOLDER}::test_resume_clears_what_a_save_an_export_or_a_deletion_cut_short_left",),
            "a save cut short is left in the folder on resume"),
 ]
 

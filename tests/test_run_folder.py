@@ -52,6 +52,15 @@ def test_a_folder_with_only_metrics_or_a_checkpoint_holds_a_run(tmp_path, left):
     assert checkpoints.open_run(run_dir, resume=True) == "" and (run_dir / checkpoints.LOCK).exists()
 
 
+def test_resume_clears_what_a_save_an_export_or_a_deletion_cut_short_left(tmp_path):
+    run_dir = tmp_path / "run"
+    for name in (".tmp-ckpt-000003", ".tmp-delete-ckpt-000001", ".tmp-export-000002"):
+        (run_dir / name).mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    checkpoints.open_run(run_dir, resume=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", checkpoints.LOCK]
+
+
 def test_config_json_is_written_only_once_the_model_has_loaded(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("out of memory")
