@@ -182,7 +182,7 @@ def check_before_work(cfg, task_pool: dict | None = None, launching: bool = Fals
         try:
             users.from_config(cfg.user).probe()
         except users.UserError as e:
-            raise ConfigError(f"--user.base_url: {e} (--user.probe false skips this check)") from None
+            raise ConfigError(f"--user.base_url: {e.message} (--user.probe false skips this check)") from None
     return tasks
 
 
