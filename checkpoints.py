@@ -309,12 +309,13 @@ SIGNAL_AT = "USERRL_SIGNAL_AT"
 
 def signal_point(point: str, step: int):
     """A test hook, so that tests interrupt each phase of a step deterministically rather than on a timer: with
-    USERRL_SIGNAL_AT=POINT@STEP:SIGNAL in the environment (e.g. checkpoint@2:SIGTERM) this process sends itself
-    SIGNAL when step STEP reaches POINT, each once a step: rollout (its first chunk of tasks done), update (as it
-    starts), checkpoint (every shard written, the folder not yet renamed into place)."""
-    where, _, name = os.environ.get(SIGNAL_AT, "").partition(":")
-    if where == f"{point}@{step}":
-        os.kill(os.getpid(), getattr(signal, name))
+    USERRL_SIGNAL_AT=POINT@STEP:SIGNAL in the environment (e.g. checkpoint@2:SIGTERM; several separated by commas)
+    this process sends itself SIGNAL when step STEP reaches POINT, each once a step: rollout (its first chunk of
+    tasks done), update (as it starts), checkpoint (every shard written, the folder not yet renamed into place)."""
+    for spec in filter(None, os.environ.get(SIGNAL_AT, "").split(",")):
+        where, _, name = spec.partition(":")
+        if where == f"{point}@{step}":
+            os.kill(os.getpid(), getattr(signal, name))
 
 
 def prune(run_dir: Path, keep_last: int):
