@@ -289,14 +289,14 @@ class Stop:
     stops at once: a save it cuts short is a .tmp folder, and the last complete checkpoint stays the latest."""
 
     signals: int = 0
-    name: str = ""
-    """the first signal's name (SIGINT, SIGTERM)"""
+    signum: int = 0
+    """the first signal (SIGINT, SIGTERM)"""
     holding: bool = False
     """set from a step's update until the next step starts"""
 
     def handle(self, signum, frame):
         self.signals += 1
-        self.name = self.name or signal.Signals(signum).name
+        self.signum = self.signum or signum
         if self.signals > 1 or not self.holding:
             raise KeyboardInterrupt
 
@@ -785,7 +785,12 @@ def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks, u
 
 
 class Interrupted(Exception):
-    """Ctrl-C (or SIGTERM) during a run; its message says where the run stopped and how to continue it."""
+    """Ctrl-C (or SIGTERM) during a run; its message says where the run stopped and how to continue it. `code`: the
+    exit status, 128 + the signal's number (130 for Ctrl-C)."""
+
+    def __init__(self, message: str, code: int = 128 + signal.SIGINT):
+        super().__init__(message)
+        self.code = code
 
 
 def stoppable_step(t: Trainer, n: int) -> dict:
@@ -794,7 +799,7 @@ def stoppable_step(t: Trainer, n: int) -> dict:
     it already, and Interrupted says so."""
     t.stop.holding = False
     if t.stop.signals:  # held in the last moments of step n - 1, after its check
-        raise Interrupted(stop_after(t, n - 1))
+        raise stop_after(t, n - 1)
     sampler, rng = t.sampler.rng.getstate(), checkpoints.rng_state()
     try:
         return step(t, n)
@@ -810,19 +815,20 @@ def stoppable_step(t: Trainer, n: int) -> dict:
     elif checkpoints.step_of(checkpoints.latest_checkpoint(t.run_dir)) < n - 1:
         save(t, n - 1)
         where = f"the state after step {n - 1} saved now as ckpt-{n - 1:06d}"
-    raise Interrupted(f"interrupted by {t.stop.name} during step {n} of {t.cfg.steps}: the step was abandoned before "
-                      f"its update ({where}); {how_to_continue(t.run_dir)}")
+    raise Interrupted(f"interrupted by {signal.Signals(t.stop.signum).name} during step {n} of {t.cfg.steps}: the step "
+                      f"was abandoned before its update ({where}); {how_to_continue(t.run_dir)}", 128 + t.stop.signum)
 
 
-def stop_after(t: Trainer, n: int) -> str:
-    """The line for a signal held until step n finished; step n is checkpointed first if it was not due."""
+def stop_after(t: Trainer, n: int) -> Interrupted:
+    """What a signal held until step n finished raises; step n is checkpointed first if it was not due."""
     saved = " (saved now)"
     if checkpoints.step_of(checkpoints.latest_checkpoint(t.run_dir)) == n:
         saved = ""
     else:
         save(t, n)
-    return (f"interrupted by {t.stop.name} during step {n} of {t.cfg.steps}: the step was finished and "
-            f"checkpointed as ckpt-{n:06d}{saved}; {how_to_continue(t.run_dir)}")
+    return Interrupted(f"interrupted by {signal.Signals(t.stop.signum).name} during step {n} of {t.cfg.steps}: the "
+                       f"step was finished and checkpointed as ckpt-{n:06d}{saved}; {how_to_continue(t.run_dir)}",
+                       128 + t.stop.signum)
 
 
 def train(cfg: Config, task_pool: dict | None = None) -> Path:
@@ -850,7 +856,7 @@ def train(cfg: Config, task_pool: dict | None = None) -> Path:
                     if ranks.rank == 0:
                         print_step(m, t)
                     if t.stop.signals:
-                        raise Interrupted(stop_after(t, n))
+                        raise stop_after(t, n)
                 if t.start < cfg.steps or not (run_dir / "final").exists():
                     export(t, "final")
     except KeyboardInterrupt:
@@ -958,7 +964,7 @@ def main(argv: list[str], entry: str = __file__):
     except (Interrupted, KeyboardInterrupt) as e:  # one line, not a traceback
         if report:
             print(str(e) or "interrupted before the run started; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(e, "code", 128 + signal.SIGINT))
     finally:
         if launching:
             signal.signal(signal.SIGTERM, previous)
