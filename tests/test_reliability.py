@@ -231,24 +231,20 @@ def test_a_second_signal_stops_at_once_and_leaves_the_last_complete_checkpoint(t
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2] and not list(tmp_path.glob(".tmp-*"))
 
 
-def test_sigterm_to_the_command_is_one_line_and_the_run_resumes(tmp_path):
+def test_sigterm_to_the_command_is_one_line(tmp_path):
     """The command itself: SIGTERM at step 1's update ends python train.py with one line on stderr and status 143
-    (128 + SIGTERM), no traceback; --resume finishes the run."""
+    (128 + SIGTERM), no traceback, the step finished and checkpointed."""
     cmd = [sys.executable, "train.py", "--out_dir", str(tmp_path), "--batch_size", "2", "--group_size", "2",
            "--rollout.max_new_tokens", "8", "--rollout.progress", "false", "--eval_gyms", "", "--gyms",
            '{"telepathy": 1}', "--steps", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**env, checkpoints.SIGNAL_AT: "update@1:SIGTERM"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", checkpoints.SIGNAL_AT: "update@1:SIGTERM"})
     assert p.returncode == 128 + signal.SIGTERM, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1] == ("interrupted by SIGTERM during step 1 of 2: the step was finished "
                                                  f"and checkpointed as ckpt-000001; continue with: python train.py "
                                                  f"--resume {tmp_path}")
-    q = subprocess.run([sys.executable, "train.py", "--resume", str(tmp_path)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env=env)
-    assert q.returncode == 0, q.stderr[-2000:]
-    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1] and checkpoints.latest_checkpoint(tmp_path).is_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------
