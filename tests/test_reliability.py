@@ -124,7 +124,8 @@ def test_a_step_with_too_many_failures_stops_the_run_naming_the_endpoint_and_rea
                             POOL["usercomma"] if gym == "usercomma" else real(gym, split, data_dir))
         with pytest.raises(SystemExit) as e:
             train.main(["--out_dir", str(tmp_path / "cmd"), "--gyms", '{"usercomma": 1}', "--eval_gyms", "",
-                        "--batch_size", "1", "--mini_batch_size", "1", "--group_size", "2", "--rollout.progress", "false",
+                        "--batch_size", "1", "--mini_batch_size", "1", "--group_size", "2",
+                        "--rollout.progress", "false",
                         "--rollout.max_new_tokens", "4", "--rollout.end_on_no_tool_call", "false",
                         "--user.backend", "http", "--user.base_url", srv.url,
                         "--user.model", srv.model, "--user.max_retries", "0"])
