@@ -72,16 +72,21 @@ def test_reason_codes_of_each_fault_kind_survive_the_text_an_episode_keeps():
 
 def test_http_faults_fail_their_episodes_only_counted_per_reason(tmp_path):
     """train.py against the fault-injecting server (no retries, so each fault is one failed episode): the steps go
-    on, and metrics.jsonl counts every injected fault under its reason, the episodes left out of the means."""
+    on, metrics.jsonl counts every injected fault under its reason, and the reward mean is over the episodes that
+    did not fail (every episode is in transcripts.jsonl)."""
     faults = {"500": 0.1, "429": 0.05, "drop": 0.05, "malformed": 0.05, "empty_choices": 0.05}
     srv = OpenAIServer(faults=faults, seed=1, retry_after=0.01)
     try:
         m = read_metrics(train.train(http_cfg(tmp_path, srv, "--steps", "3", "--batch_size", "4",
-                                              "--mini_batch_size", "2", "--save_every", "0",
+                                              "--mini_batch_size", "2", "--save_every", "0", "--transcripts", "16",
                                               "--max_failed_frac", "0.6"), task_pool=POOL))
     finally:
         srv.close()
     assert [x["step"] for x in m] == [1, 2, 3] and all(x["episodes"] == 16 for x in m)
+    episodes = [json.loads(line) for line in (tmp_path / "transcripts.jsonl").read_text().splitlines()]
+    for x in m:
+        ok = [sum(e["turn_rewards"]) for e in episodes if e["info"]["step"] == x["step"] and not e["failed"]]
+        assert len(ok) == 16 - x["failed_episodes"] and x["reward_mean"] == pytest.approx(sum(ok) / len(ok))
     counted = {}
     for x in m:
         reasons = {k[len("failed/"):]: v for k, v in x.items() if k.startswith("failed/")}
