@@ -21,8 +21,8 @@ TASKS = {"train": [{"id": f"d{i}"} for i in range(8)], "test": [{"id": "t0"}, {"
 
 
 def add_comma_gym(gyms: dict, load_tasks):
-    """Register the comma gym in `gyms` (envs.GYMS) and return a task loader that knows its tasks."""
-    gyms["comma"], gyms["usercomma"] = CommaEnv, UserCommaEnv
+    """Register the comma gym in `gyms` (envs.GYMS) and return a task loader that knows the toy gyms' tasks."""
+    gyms["comma"] = CommaEnv
 
     def load(name, split="train", data_dir=None):
         return TASKS[split] if name in ("comma", "usercomma") else load_tasks(name, split, data_dir)
@@ -33,4 +33,5 @@ if __name__ == "__main__":
     if os.environ.get("RANK", "-") == os.environ.get("DIST_TRAIN_FAIL_RANK"):
         sys.exit(3)
     envs.load_tasks = add_comma_gym(envs.GYMS, envs.load_tasks)
+    envs.GYMS["usercomma"] = UserCommaEnv
     train.main(sys.argv[1:], entry=__file__)
