@@ -54,7 +54,7 @@ from config import ConfigError, DataError, Tasks, apply_args, check_before_work,
 from grpo import STATS, LossConfig, chunk_tokens, grpo_loss, loss_weights, naive_grpo_loss, token_logprobs
 from models import load_model, refresh_rollout_copy, rollout_copy
 from rollout import RolloutConfig, rollout
-from users import UserConfig
+from users import UserConfig, failure_reason
 
 # The paper trains on Travel, Turtle, Persuade, Function and Tau and holds out Intention, Telepathy and Search
 # for evaluation. The demo trains on every gym it has.
@@ -671,7 +671,7 @@ def failure_counts(rows: list) -> dict:
     """{reason: failed episodes} (users.REASONS codes, or the rollout's env_timeout) of rows with an "error"."""
     counts = {}
     for r in rows:
-        reason = users.failure_reason(r["error"])
+        reason = failure_reason(r["error"])
         counts[reason] = counts.get(reason, 0) + 1
     return counts
 
