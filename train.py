@@ -16,6 +16,9 @@ One step (`step()` below; paper section 4) runs six phases, in this order:
   4. recompute the old log-probs of the generated tokens with the training forward (no grad)
   5. `ppo_epochs` passes of clipped-ratio AdamW updates over mini-batches, with the fused log-prob (grpo.py)
   6. log metrics and transcripts, evaluate, checkpoint
+A step in which more than --max_failed_frac of the episodes lost their user stops the run before phase 3. The first
+Ctrl-C or SIGTERM abandons a step before its update and lets it finish from the update on; either way the state is
+checkpointed and --resume continues exactly (Stop).
 Before the first step, every check that can fail runs (config values, device, ranks, model name, task files, the
 user endpoint), before the run folder exists and before any model loads; then the folder is claimed
 (checkpoints.py), the user server started (--user.serve_cmd), and, with more than one GPU (or --nproc N, or
