@@ -15,6 +15,10 @@
    connections, malformed JSON, empty choices, replies that break the role's format) at a fixed rate; the agent
    is the scripted expert (envs.ExpertAgent) through rollout's agent loop. Counted: faults injected per kind,
    episodes completed, failed (by reason), lost (episodes asked for that did not come back, must be 0).
+3. Interruptions. SIGINT and SIGTERM, each at each phase of a step (rollout, update, checkpoint write), sent by
+   the trainer to itself at that point (checkpoints.signal_point) in a short run of the tiny model; the run must
+   stop with one line and no partial checkpoint, `--resume` must finish it, and its metrics and final weights
+   must equal those of an uninterrupted run bit for bit (CPU). Counted: tried, stopped cleanly, resumed, matched.
 The last line printed is one JSON object with the headline figures.
 """
 import argparse
@@ -193,6 +197,73 @@ def fault_rollouts(tasks_per_gym: int, group: int, seed: int = 0, max_turns: int
         server.close()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 3. Interruptions
+
+SIGNALS = ("SIGINT", "SIGTERM")
+PHASES = ("rollout", "update", "checkpoint")
+
+
+def interruptions(out_dir: Path, steps: int = 3, at: int = 2) -> dict:
+    """Each signal at each phase of step `at` of a `steps`-step run, resumed, compared with the run uninterrupted.
+    The run is the tiny model on the comma gym of tests/test_train.py (a reward the random model earns often
+    enough for every update to change the weights), checkpointing every 2 steps: a signal before step 2's update
+    abandons it and saves the state after step 1; from its update on, step 2 finishes and is checkpointed."""
+    import contextlib
+
+    import torch
+
+    import checkpoints
+    import train
+    from test_train import CommaEnv, read_metrics, untimed
+
+    pool = {"comma": [{"id": f"d{i}"} for i in range(4)]}
+    argv = ["--steps", str(steps), "--save_every", "2", "--rollout_tasks", "1", "--batch_size", "2",
+            "--group_size", "4", "--mini_batch_size", "1", "--lr", "1e-3", "--seed", "3", "--eval_gyms", "",
+            "--rollout.max_new_tokens", "12", "--rollout.max_turns", "3", "--rollout.progress", "false",
+            "--rollout.end_on_no_tool_call", "false"]
+
+    def final(run: Path) -> tuple:
+        weights = [p.detach() for p in train.load_model(str(run / "final"))[0].parameters()]
+        return [untimed(m) for m in read_metrics(run)], weights
+
+    saved_gym = envs.GYMS.get("comma")
+    envs.GYMS["comma"] = CommaEnv
+    cases = []
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # the runs' own lines; stdout ends with the JSON
+            ref_metrics, ref_weights = final(train.train(train.parse_config(
+                [*argv, "--out_dir", str(out_dir / "uninterrupted")]), task_pool=pool))
+            for sig in SIGNALS:
+                for phase in PHASES:
+                    run = out_dir / f"{phase}-{sig}"
+                    os.environ[checkpoints.SIGNAL_AT] = f"{phase}@{at}:{sig}"
+                    try:
+                        train.train(train.parse_config([*argv, "--out_dir", str(run)]), task_pool=pool)
+                        line = None
+                    except train.Interrupted as e:
+                        line = str(e)
+                    finally:
+                        del os.environ[checkpoints.SIGNAL_AT]
+                    latest = checkpoints.latest_checkpoint(run)
+                    case = {"signal": sig, "phase": phase, "line": line, "latest": latest and latest.name,
+                            "partial": sorted(p.name for p in run.glob(".tmp-*"))}
+                    train.train(train.parse_config(["--resume", str(run)]), task_pool=pool)
+                    metrics, weights = final(run)
+                    case["resumed"] = [m["step"] for m in metrics] == list(range(1, steps + 1))
+                    case["matched"] = metrics == ref_metrics and all(torch.equal(a, b)
+                                                                     for a, b in zip(weights, ref_weights))
+                    cases.append(case)
+    finally:
+        if saved_gym is None:
+            envs.GYMS.pop("comma", None)
+        else:
+            envs.GYMS["comma"] = saved_gym
+    stopped = [c for c in cases if c["line"] and "\n" not in c["line"] and not c["partial"]]
+    return {"tried": len(cases), "stopped": len(stopped), "resumed": sum(c["resumed"] for c in cases),
+            "matched": sum(c["matched"] for c in cases), "cases": cases}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1,000 turns and fewer episodes (under a minute on 2 cores)")
@@ -213,11 +284,18 @@ def main(argv=None) -> dict:
     r = fault_rollouts(tasks, group, args.seed)
     print(f"   {r['episodes']} episodes: {r['completed']} completed, {r['failed']} failed {r['failed_by_reason']}, "
           f"{r['lost']} lost; faults injected {r['faults_injected']} of {r['requests']} requests", file=sys.stderr)
+    print(f"3. {len(SIGNALS)} signals x {len(PHASES)} phases of a step, each resumed...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        i = interruptions(Path(tmp))
+    for c in i["cases"]:
+        print(f"   {c['signal']} at {c['phase']}: {'resumed' if c['resumed'] else 'NOT resumed'}, "
+              f"{'matched' if c['matched'] else 'NOT matched'}: {c['line']}", file=sys.stderr)
     out = {"adversarial_turns": f["turns"], "exceptions": f["exceptions"], "reveals": f["reveals"],
            "files_written": f["files_written"], "slowest_step_s": f["slowest_step_s"],
            "longest_observation_chars": f["longest_observation_chars"], "fault_episodes": r["episodes"],
            "completed": r["completed"], "failed": r["failed"], "failed_by_reason": r["failed_by_reason"],
-           "lost": r["lost"], "faults_injected": r["faults_injected"]}
+           "lost": r["lost"], "faults_injected": r["faults_injected"],
+           "interruptions": {k: i[k] for k in ("tried", "stopped", "resumed", "matched")}}
     print(json.dumps(out))
     return out
 
