@@ -1,7 +1,7 @@
 """Deliberate one-line bugs in the trainer, the loss, the rollout, the rewards and the run folder, and whether the
 tests catch each one (the mutation habit of issue 16: a test suite is only as good as the bugs it fails on).
 
-    python tests/mutants.py              # every mutant: its targeted tests, one mutant at a time (~40 min, 2 cores)
+    python tests/mutants.py              # every mutant: its targeted tests, one mutant at a time (~35 min, 2 cores)
     python tests/mutants.py --quick      # the mutants whose tests take seconds (loss, rewards, rollout, phase 3)
     python tests/mutants.py --only 3,17  # some of them, by number (--list prints the numbers)
 
