@@ -157,7 +157,7 @@ class Env:
     """names of the original UserRL data files that `load_original` reads"""
 
     def __init__(self, task: dict, user=None, max_turns: int = 16, show_reward: bool | None = None,
-                 eval_mode: bool = False):
+                 eval_mode: bool = False, malformed: str = "end"):
         missing = [k for k in self.required if k not in task]
         if missing:
             raise ValueError(f"{self.name} task {task.get('id', '?')!r}: missing field(s) {missing}")
@@ -165,6 +165,7 @@ class Env:
         self.user = user if user is not None else users.make_user("scripted")
         self.max_turns = max_turns
         self.eval_mode = eval_mode
+        self.malformed = malformed
         self.show_reward = (not eval_mode) if show_reward is None else show_reward
         self.turn = 0
         self.info = {}

@@ -297,7 +297,7 @@ class HTTPUser:
         key = self._key()
         return UserError(message.replace(key, "***") if key else message)
 
-    def complete(self, messages: list, tools: list | None = None) -> dict:
+    def complete(self, messages: list, tools: list | None = None, env=None) -> dict:
         """The assistant message (a dict with `content` and maybe `tool_calls`) the endpoint returns."""
         body = {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, **self.extra_body}

@@ -44,11 +44,12 @@ class Biased(torch.nn.Module):
     def __init__(self, model, bias: dict, period: int = 0):
         super().__init__()
         self.model, self.bias, self.period = model, bias, period
-        self.generation_config = model.generation_config
+        self.config, self.generation_config = model.config, model.generation_config
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0,
+                **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         use_cache=use_cache, logits_to_keep=logits_to_keep)
+                         use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         on = 1.0
         if self.period:
             if position_ids is None:  # a plain forward from position 0
