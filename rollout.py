@@ -214,11 +214,15 @@ def observation_ids(tokenizer, wrapper, observation: str) -> list:
 # Sampling (pure)
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False):
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                  noise: torch.Tensor | None = None):
     """One token per row of `logits` [B, V] and its log-prob under softmax(logits / temperature), before top-p.
 
     Top-p keeps the smallest set of most likely tokens whose mass reaches `top_p` (always at least one) and
-    samples from it renormalised. Greedy takes the argmax and reports the temperature-1 log-prob."""
+    samples from it renormalised. Greedy takes the argmax and reports the temperature-1 log-prob. The sample is
+    argmax(p / noise) with Exp(1) noise [B, V] (drawn here when None; see token_noise): the first of independent
+    exponential clocks of rates p to ring, an exact sample of p that, unlike torch.multinomial, needs no host sync
+    on CUDA (pytorch #108968; gpt-fast samples so)."""
     logits = logits.float()
     if greedy:
         logp = torch.log_softmax(logits, dim=-1)
@@ -229,12 +233,31 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # mass before this token already reaches top_p
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_p, 1)
-        tokens = order.gather(1, choice)[:, 0]
-    else:
-        tokens = torch.multinomial(probs, 1)[:, 0]
+        probs = probs.masked_fill(torch.empty_like(outside).scatter_(1, order, outside), 0.0)
+    if noise is None:  # the clamp keeps 0 / 0 = NaN, which argmax would take, off tokens of probability 0
+        noise = torch.empty_like(probs).exponential_().clamp_(min=torch.finfo(probs.dtype).tiny)
+    tokens = (probs / noise).argmax(dim=-1)
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+_SPLITMIX = [c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]  # as int64
+
+
+def _shift_right(x, n: int):
+    return (x >> n) & ((1 << (64 - n)) - 1)  # logical: torch shifts int64 arithmetically
+
+
+def token_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [B, vocab], a function of (episode seed, position of the token being sampled, token id) only:
+    splitmix64 (Java's SplittableRandom) as a counter-based generator, on the device. An episode then samples the
+    same tokens whichever rows share its decode steps, so a seeded rollout repeats exactly although the engine's
+    batches depend on when users answer, and both schedules sample the same episodes."""
+    golden, mix1, mix2 = _SPLITMIX
+    x = ((seeds * golden + positions) * golden)[:, None] + torch.arange(vocab, device=seeds.device)
+    x = (x ^ _shift_right(x, 30)) * mix1
+    x = (x ^ _shift_right(x, 27)) * mix2
+    x = x ^ _shift_right(x, 31)
+    return -torch.log((_shift_right(x, 40).float() + 0.5) / (1 << 24))  # top 24 bits -> u in (0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,7 +338,7 @@ class Engine:
                              "(sliding-window layers are not supported)")
         AttentionInterface.register(self.ATTENTION, block_attention)
         param = next(model.parameters())
-        self.model, self.cfg, self.device, self.columns = model, cfg, param.device, columns
+        self.model, self.cfg, self.device, self.dtype, self.columns = model, cfg, param.device, param.dtype, columns
         self.scratch = rows  # one more row: a compiled step's padding writes there
         self.cache = KVCache(config, rows + 1, columns, param.dtype, param.device)
         self.n_rep = config.num_attention_heads // config.num_key_value_heads
@@ -338,7 +361,8 @@ class Engine:
         # whose sdpa output is NaN), repeated for the query heads that share a key head (see block_attention).
         qpos = torch.zeros(block.stop - block.start, length, dtype=torch.long, device=self.device)
         qpos = qpos.index_copy(0, rows, cols).repeat(1, self.n_rep)
-        mask = torch.arange(width, device=self.device) <= qpos[:, None, :, None]
+        seen = torch.arange(width, device=self.device) <= qpos[:, None, :, None]
+        mask = torch.zeros(seen.shape, dtype=self.dtype, device=self.device).masked_fill_(~seen, float("-inf"))
         # A prefill needs no logits: an empty index list skips the lm_head.
         keep = 1 if logits else torch.zeros(0, dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, position_ids=cols, attention_mask=mask, use_cache=True, logits_to_keep=keep,
@@ -354,31 +378,33 @@ class Engine:
             self.slots += len(tokens)
             self.real += len(tokens)
 
-    def _step(self, block: slice, width: int, rows, inp, pos, count, limit, active):
+    def _step(self, block: slice, width: int, rows, inp, pos, count, limit, active, seeds):
         """One decode step for the fed rows: the next token of each, its log-prob, and the rows' new state. The stop
         test runs here, on the device; a row that stopped keeps being fed (its writes land past its length, where
         its next real token will overwrite them) until the host reads the chunk back."""
         logits = self._forward(block, rows, inp[:, None], pos, width, logits=True)
-        tok, lp = sample_tokens(logits, self.cfg.temperature, self.cfg.top_p, self.cfg.greedy)
+        noise = None if self.cfg.greedy else token_noise(seeds, pos + 1, logits.shape[-1])
+        tok, lp = sample_tokens(logits, self.cfg.temperature, self.cfg.top_p, self.cfg.greedy, noise)
         count, pos = count + active, pos + active
         active = active & ~(torch.isin(tok, self.stop) | (count >= limit))
         return tok, lp, pos, count, active
 
-    def decode(self, rows: list, first: list, pos: list, limits: list, steps: int) -> list:
+    def decode(self, rows: list, first: list, pos: list, limits: list, seeds: list, steps: int) -> list:
         """Up to `steps` decode steps for `rows` (per row: its first input token, its position, how many tokens it may
-        still sample). Returns (tokens, log-probs) sampled per row, read back to the host in one transfer."""
+        still sample, its episode's sampling seed). Returns the (tokens, log-probs) each row sampled, read back to
+        the host in one transfer."""
         n, dev = len(rows), self.device
         if self.cfg.compile:  # fixed shapes: the whole cache is the block; padding rows write into the scratch row
             block, pad, width = slice(0, self.scratch + 1), _bucket(n) - n, min(self.columns, _bucket(max(pos) + steps))
         else:
             block, pad, width = slice(min(rows), max(rows) + 1), 0, min(self.columns, max(pos) + steps)
         places = torch.tensor([r - block.start for r in rows] + [self.scratch] * pad, device=dev)
-        inp, pos_t, limit = (torch.tensor(x + [0] * pad, device=dev) for x in (first, pos, limits))
+        inp, pos_t, limit, seeds = (torch.tensor(x + [0] * pad, device=dev) for x in (first, pos, limits, seeds))
         active = torch.arange(n + pad, device=dev) < n
         count = torch.zeros_like(limit)
         toks, lps = [], []
         for _ in range(steps):
-            tok, lp, pos_t, count, active = self.step(block, width, places, inp, pos_t, count, limit, active)
+            tok, lp, pos_t, count, active = self.step(block, width, places, inp, pos_t, count, limit, active, seeds)
             if self.cfg.compile:  # a CUDA graph's outputs are overwritten by its next replay
                 tok, lp, pos_t, count, active = (x.clone() for x in (tok, lp, pos_t, count, active))
             toks.append(tok)
@@ -393,7 +419,7 @@ class Engine:
         return [(back[:c, j].long().tolist(), back[steps:steps + c, j].tolist()) for j, c in enumerate(counts)]
 
 
-def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, counts, stop_ids, bar):
+def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, counts, stop_ids, seeds, bar):
     """Every episode on its own: a row decodes while others wait for their users; see the module docstring."""
     eos, wrapper = tokenizer.eos_token_id, observation_wrapper(tokenizer)
     n_rows = min(cfg.max_rows or len(live), len(live))
@@ -460,7 +486,8 @@ def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, count
                 left = [turn[i]["limit"] - len(turn[i]["gen"]) for i in order]
                 t1 = time.perf_counter()
                 sampled = engine.decode([row[i] for i in order], [turn[i]["next"] for i in order],
-                                        [cached[i] for i in order], left, min(cfg.sync_every, max(left)))
+                                        [cached[i] for i in order], left, [seeds[i] for i in order],
+                                        min(cfg.sync_every, max(left)))
                 counts["time_decode"] += time.perf_counter() - t1
                 for i, (toks, lps) in zip(order, sampled):
                     t = turn[i]
@@ -565,7 +592,7 @@ class _Batch:
         self.pos = self.pos[rows_t]
 
 
-def _decode(batch: _Batch, first: list, live: list, cfg: RolloutConfig, stop_ids: set):
+def _decode(batch: _Batch, first: list, live: list, cfg: RolloutConfig, stop_ids: set, seeds: list):
     """Decode one turn for every live row: feed `first` (each row's last pending token), then sample until each
     row stops (a stop token, max_new_tokens, or the episode budget). Returns sampled tokens [B, S], their
     log-probs [B, S] and each row's count; rows that stopped feed masked holes until the longest is done."""
@@ -576,10 +603,12 @@ def _decode(batch: _Batch, first: list, live: list, cfg: RolloutConfig, stop_ids
     inp = torch.tensor(first, dtype=torch.long, device=device)
     active = torch.ones(len(live), dtype=torch.bool, device=device)
     count = torch.zeros(len(live), dtype=torch.long, device=device)
+    seeds = torch.tensor(seeds, device=device)
     toks, lps = [], []
     for _ in range(int(limits.max())):
         logits = batch.forward(inp[:, None], active.long()[:, None])
-        tok, lp = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.greedy)
+        noise = None if cfg.greedy else token_noise(seeds, batch.pos, logits.shape[-1])  # pos: the sampled token's
+        tok, lp = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.greedy, noise)
         toks.append(tok)
         lps.append(lp)
         count += active.long()
@@ -592,7 +621,7 @@ def _decode(batch: _Batch, first: list, live: list, cfg: RolloutConfig, stop_ids
     return torch.stack(toks, 1).cpu(), torch.stack(lps, 1).float().cpu(), count.tolist()
 
 
-def _rollout_lockstep(model, tokenizer, episodes, env_list, live, cfg, pool, counts, stop_ids, bar):
+def _rollout_lockstep(model, tokenizer, episodes, env_list, live, cfg, pool, counts, stop_ids, seeds, bar):
     """All live episodes decode a turn together, then all envs step, then all observations are prefilled."""
     eos, wrapper = tokenizer.eos_token_id, observation_wrapper(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos  # holes are masked: any id works
@@ -612,7 +641,8 @@ def _rollout_lockstep(model, tokenizer, episodes, env_list, live, cfg, pool, cou
         t0 = time.perf_counter()
         batch.prefill([pending[i][:-1] for i in live])
         t1 = time.perf_counter()
-        toks, lps, n = _decode(batch, [pending[i][-1] for i in live], [episodes[i] for i in live], cfg, stop_ids)
+        toks, lps, n = _decode(batch, [pending[i][-1] for i in live], [episodes[i] for i in live], cfg, stop_ids,
+                               [seeds[i] for i in live])
         counts["time_decode"] += time.perf_counter() - t1
         counts["decode_steps"] += toks.shape[1]
         items, stepped = [], []
@@ -686,6 +716,7 @@ def _rollout_local(model, tokenizer, tasks, group_size, cfg, user, stats):
     from tqdm import tqdm
 
     episodes, env_list = _new_episodes(tasks, group_size, cfg, user)
+    seeds = torch.randint(0, 1 << 62, (len(episodes),)).tolist()  # each episode's sampling seed (see token_noise)
     stop_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(getattr(model, "generation_config", None),
                                                                "eos_token_id", None)))
     counts = dict.fromkeys(("time_generate", "time_env", "time_decode"), 0.0)
@@ -704,7 +735,7 @@ def _rollout_local(model, tokenizer, tasks, group_size, cfg, user, stats):
         bar.update(len(episodes) - len(live))
         if live:
             schedule = _rollout_engine if cfg.schedule == "engine" else _rollout_lockstep
-            schedule(model, tokenizer, episodes, env_list, live, cfg, pool, counts, stop_ids, bar)
+            schedule(model, tokenizer, episodes, env_list, live, cfg, pool, counts, stop_ids, seeds, bar)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
