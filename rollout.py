@@ -247,16 +247,23 @@ def _shift_right(x, n: int):
     return (x >> n) & ((1 << (64 - n)) - 1)  # logical: torch shifts int64 arithmetically
 
 
-def token_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exp(1) noise [B, vocab], a function of (episode seed, position of the token being sampled, token id) only:
-    splitmix64 (Java's SplittableRandom) as a counter-based generator, on the device. An episode then samples the
-    same tokens whichever rows share its decode steps, so a seeded rollout repeats exactly although the engine's
-    batches depend on when users answer, and both schedules sample the same episodes."""
-    golden, mix1, mix2 = _SPLITMIX
-    x = ((seeds * golden + positions) * golden)[:, None] + torch.arange(vocab, device=seeds.device)
+def _mix(x):
+    """splitmix64's output function (Java's SplittableRandom) on int64 tensors."""
+    _, mix1, mix2 = _SPLITMIX
     x = (x ^ _shift_right(x, 30)) * mix1
     x = (x ^ _shift_right(x, 27)) * mix2
-    x = x ^ _shift_right(x, 31)
+    return x ^ _shift_right(x, 31)
+
+
+def token_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [B, vocab], a function of (episode seed, position of the token being sampled, token id) only:
+    token t's uniform is output t of a splitmix64 stream keyed by output `position` of the stream seeded by the
+    episode, computed on the device. An episode then samples the same tokens whichever rows share its decode steps,
+    so a seeded rollout repeats exactly although the engine's batches depend on when users answer, and both
+    schedules sample the same episodes."""
+    golden = _SPLITMIX[0]
+    key = _mix(seeds + (positions + 1) * golden)
+    x = _mix(key[:, None] + torch.arange(1, vocab + 1, device=seeds.device) * golden)
     return -torch.log((_shift_right(x, 40).float() + 0.5) / (1 << 24))  # top 24 bits -> u in (0, 1)
 
 
