@@ -236,7 +236,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
         probs = probs.masked_fill(torch.empty_like(outside).scatter_(1, order, outside), 0.0)
     if noise is None:  # the clamp keeps 0 / 0 = NaN, which argmax would take, off tokens of probability 0
         noise = torch.empty_like(probs).exponential_().clamp_(min=torch.finfo(probs.dtype).tiny)
-    tokens = (probs / noise).argmax(dim=-1)
+    tokens = (probs / noise).topk(1).indices[:, 0]  # = argmax, which torch.compile's CPU code crashes on here
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 

@@ -405,6 +405,37 @@ def test_engine_counts_syncs_utilisation_and_copies(tiny, toy):
     assert engine["tokens_fed"] <= engine["slots_fed"]
 
 
+def test_engine_fixed_shapes_for_compilation_change_nothing(tiny, toy, monkeypatch):
+    # compile=True decodes at power-of-two row counts (padding rows write into a scratch row) over the whole
+    # cache, at power-of-two widths. With torch.compile made the identity, that path alone is checked, quickly.
+    model, tok = tiny
+    policy = Biased(model, {tok.eos_token_id: 4.0})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    runs, stats = [], {}
+    for compiled in (False, True):
+        torch.manual_seed(10)
+        runs.append(rollout.rollout(policy, tok, [("toy", task(j, turns=3)) for j in range(3)], 1,
+                                    cfg(compile=compiled, max_rows=3), stats=stats))
+    assert stats["slots_fed"] > stats["tokens_fed"]  # padded to 4 rows, then 2, 1
+    for a, b in zip(*runs):
+        assert a.ids == b.ids and a.loss_mask == b.loss_mask
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_engine_compiled_decode_step_on_cpu(tiny, toy):
+    # The real torch.compile (inductor, C++ on CPU): one chunk at one shape, about 10-25 s on 2 CPU cores, most of
+    # it compiling. More shapes would each compile again, so the fixed-shape test above covers the rest.
+    model, tok = tiny
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(11)
+        runs.append(rollout.rollout(model, tok, [("toy", task(0))], 2, cfg(compile=compiled, max_turns=1,
+                                                                          max_new_tokens=8, max_episode_tokens=40)))
+    for a, b in zip(*runs):
+        assert a.ids == b.ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
 def test_turn_info_and_the_envs_end_reason(tiny, toy, tmp_path):
     model, tok = tiny
     eps = rollout.rollout(model, tok, [("toy", task(1, turns=2, end_reason="malformed_call"))], 1,
