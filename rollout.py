@@ -313,15 +313,17 @@ class KVCache:
 
 def block_attention(module, query, key, value, attention_mask, scaling=None, rows=None, **kwargs):
     """The engine's attention, called by every attention layer: `query` [n, heads, L, dim] for the fed rows, `key` and
-    `value` [B, kv_heads, W, dim] the cache block, `rows` [n] each fed row's place in the block. The block's other
-    rows get zero queries, whose outputs are dropped. Query heads that share a key head go along the query axis, so
-    grouped-query attention copies no keys (transformers' pack_gqa does the same for one token)."""
+    `value` [B, kv_heads, W, dim] the cache block, `rows` [n] each fed row's place in the block (None: the fed rows
+    are the block). The block's other rows get zero queries, whose outputs are dropped. Query heads that share a key
+    head go along the query axis, so grouped-query attention copies no keys (transformers' pack_gqa does the same
+    for one token)."""
     n, heads, length, dim = query.shape
     block, kv_heads = key.shape[:2]
-    q = query.new_zeros(block, heads, length, dim).index_copy_(0, rows, query)
-    q = q.view(block, kv_heads, heads // kv_heads * length, dim)
+    q = query if rows is None else query.new_zeros(block, heads, length, dim).index_copy_(0, rows, query)
+    q = q.reshape(block, kv_heads, heads // kv_heads * length, dim)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(block, heads, length, dim)[rows].transpose(1, 2), None
+    out = out.reshape(block, heads, length, dim)
+    return (out if rows is None else out[rows]).transpose(1, 2), None
 
 
 def _bucket(n: int) -> int:
@@ -360,16 +362,22 @@ class Engine:
             self.step = torch.compile(self._step, mode=mode, dynamic=False)
 
     def _forward(self, block: slice, rows, ids, pos, width: int, logits: bool):
-        """Feed ids [n, L] to the rows at places `rows` of `block`, from positions pos [n]; the last logits."""
+        """Feed ids [n, L] to the rows at places `rows` of `block` (None: the whole block, in order), from positions
+        pos [n]; the last position's logits."""
         length = ids.shape[1]
         cols = pos[:, None] + torch.arange(length, device=self.device)
-        self.cache.at(rows + block.start, cols, block, width)
-        # Each block row's query positions (a row not fed counts from 0: it sees column 0, so no row is all masked,
-        # whose sdpa output is NaN), repeated for the query heads that share a key head (see block_attention).
-        qpos = torch.zeros(block.stop - block.start, length, dtype=torch.long, device=self.device)
-        qpos = qpos.index_copy(0, rows, cols).repeat(1, self.n_rep)
+        if rows is None:
+            self.cache.at(torch.arange(block.start, block.stop, device=self.device), cols, block, width)
+            qpos = cols
+        else:
+            self.cache.at(rows + block.start, cols, block, width)
+            # A block row not fed counts from 0: it sees column 0, so no row is all masked (sdpa would give NaN).
+            qpos = torch.zeros(block.stop - block.start, length, dtype=torch.long, device=self.device)
+            qpos = qpos.index_copy(0, rows, cols)
+        if length > 1:  # one query row per query head sharing a key head (see block_attention); one token broadcasts
+            qpos = qpos.repeat(1, self.n_rep)
         seen = torch.arange(width, device=self.device) <= qpos[:, None, :, None]
-        mask = torch.zeros(seen.shape, dtype=self.dtype, device=self.device).masked_fill_(~seen, float("-inf"))
+        mask = torch.where(seen, 0.0, float("-inf")).to(self.dtype)
         # A prefill needs no logits: an empty index list skips the lm_head.
         keep = 1 if logits else torch.zeros(0, dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, position_ids=cols, attention_mask=mask, use_cache=True, logits_to_keep=keep,
@@ -379,9 +387,8 @@ class Engine:
     def prefill(self, row: int, tokens: list, pos: int):
         """Write `tokens` into `row` from column `pos`: one forward, no logits."""
         if tokens:
-            zero = torch.zeros(1, dtype=torch.long, device=self.device)
-            self._forward(slice(row, row + 1), zero, torch.tensor([tokens], device=self.device), zero + pos,
-                          pos + len(tokens), logits=False)
+            self._forward(slice(row, row + 1), None, torch.tensor([tokens], device=self.device),
+                          torch.tensor([pos], device=self.device), pos + len(tokens), logits=False)
             self.slots += len(tokens)
             self.real += len(tokens)
 
@@ -406,6 +413,8 @@ class Engine:
         else:
             block, pad, width = slice(min(rows), max(rows) + 1), 0, min(self.columns, max(pos) + steps)
         places = torch.tensor([r - block.start for r in rows] + [self.scratch] * pad, device=dev)
+        if not self.cfg.compile and n == block.stop - block.start:  # the rows are the whole block (rows come sorted)
+            places = None
         inp, pos_t, limit, seeds = (torch.tensor(x + [0] * pad, device=dev) for x in (first, pos, limits, seeds))
         active = torch.arange(n + pad, device=dev) < n
         count = torch.zeros_like(limit)
