@@ -326,6 +326,12 @@ def block_attention(module, query, key, value, attention_mask, scaling=None, row
     return (out if rows is None else out[rows]).transpose(1, 2), None
 
 
+def _to(device, values: list):
+    """A tensor of `values` on `device`, copied without waiting for the device (a blocking copy to a GPU waits for
+    all queued work first: a host sync)."""
+    return torch.tensor(values).to(device, non_blocking=True)
+
+
 def _bucket(n: int) -> int:
     """n rounded up to a power of two (to 1024), then to a multiple of 1024: the few shapes a compiled step meets."""
     return 1 << max(0, n - 1).bit_length() if n <= 1024 else -(-n // 1024) * 1024
@@ -357,6 +363,7 @@ class Engine:
         self.slots = self.real = self.syncs = self.steps = 0
         self.step = self._step
         if cfg.compile:
+            # one graph per row count x width; dynamo's default limit (8 recompiles) would fall back to eager
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # reduce-overhead: CUDA graphs
             self.step = torch.compile(self._step, mode=mode, dynamic=False)
@@ -387,8 +394,8 @@ class Engine:
     def prefill(self, row: int, tokens: list, pos: int):
         """Write `tokens` into `row` from column `pos`: one forward, no logits."""
         if tokens:
-            self._forward(slice(row, row + 1), None, torch.tensor([tokens], device=self.device),
-                          torch.tensor([pos], device=self.device), pos + len(tokens), logits=False)
+            self._forward(slice(row, row + 1), None, _to(self.device, [tokens]), _to(self.device, [pos]),
+                          pos + len(tokens), logits=False)
             self.slots += len(tokens)
             self.real += len(tokens)
 
@@ -412,10 +419,10 @@ class Engine:
             block, pad, width = slice(0, self.scratch + 1), _bucket(n) - n, min(self.columns, _bucket(max(pos) + steps))
         else:
             block, pad, width = slice(min(rows), max(rows) + 1), 0, min(self.columns, max(pos) + steps)
-        places = torch.tensor([r - block.start for r in rows] + [self.scratch] * pad, device=dev)
+        places = _to(dev, [r - block.start for r in rows] + [self.scratch] * pad)
         if not self.cfg.compile and n == block.stop - block.start:  # the rows are the whole block (rows come sorted)
             places = None
-        inp, pos_t, limit, seeds = (torch.tensor(x + [0] * pad, device=dev) for x in (first, pos, limits, seeds))
+        inp, pos_t, limit, seeds = (_to(dev, x + [0] * pad) for x in (first, pos, limits, seeds))
         active = torch.arange(n + pad, device=dev) < n
         count = torch.zeros_like(limit)
         toks, lps = [], []
