@@ -39,7 +39,13 @@ are prefilled in one right-padded forward, and finished episodes' rows are dropp
 Log-probs are taken at sampling time: log_softmax(logits / temperature) of the sampled token, before top-p
 truncation (greedy: temperature 1). The trainer recomputes them in a no-grad pass with its own training forward
 for the PPO ratio, so the ratio's two sides share numerics (bf16, kernels, batch shapes); the gap between the
-two is a diagnostic of the train/inference mismatch.
+two is a diagnostic of the train/inference mismatch. Sampling noise is a function of (episode seed, position,
+token) only (`token_noise`), so a seeded rollout repeats exactly although the engine's batches depend on when
+users answer, and both schedules sample the same episodes.
+
+`compile=True` compiles the decode step (CUDA graphs on CUDA) at power-of-two row counts and cache widths. It has
+not run on a GPU yet. On CPU it works (a test runs one compiled chunk) but each new shape takes 10-25 s to
+compile on 2 cores, more than a CPU rollout gains, so it is off by default.
 
 Simplifications and choices, each one line:
 - One assistant generation is one turn, whatever it holds (as the original); the env parses the tool call.
