@@ -319,12 +319,19 @@ class KVCache:
 
 def block_attention(module, query, key, value, attention_mask, scaling=None, rows=None, **kwargs):
     """The engine's attention, called by every attention layer: `query` [n, heads, L, dim] for the fed rows, `key` and
-    `value` [B, kv_heads, W, dim] the cache block, `rows` [n] each fed row's place in the block (None: the fed rows
-    are the block). The block's other rows get zero queries, whose outputs are dropped. Query heads that share a key
-    head go along the query axis, so grouped-query attention copies no keys (transformers' pack_gqa does the same
-    for one token)."""
+    `value` [B, kv_heads, W, dim] the cache block, `rows` where each fed row sits in the block: None (the fed rows
+    are the block), a tensor (a decode step: the block's other rows get zero queries, whose outputs are dropped), or
+    a list (a prefill: one attention call per fed row, on its own view, so long queries never meet other rows).
+    Query heads that share a key head go along the query axis, so grouped-query attention copies no keys
+    (transformers' pack_gqa does the same for one token)."""
     n, heads, length, dim = query.shape
     block, kv_heads = key.shape[:2]
+    if isinstance(rows, list):
+        q = query.reshape(n, kv_heads, heads // kv_heads * length, dim)
+        out = torch.cat([F.scaled_dot_product_attention(q[i:i + 1], key[r:r + 1], value[r:r + 1],
+                                                        attn_mask=attention_mask[i:i + 1], scale=scaling)
+                         for i, r in enumerate(rows)])
+        return out.reshape(n, heads, length, dim).transpose(1, 2), None
     q = query if rows is None else query.new_zeros(block, heads, length, dim).index_copy_(0, rows, query)
     q = q.reshape(block, kv_heads, heads // kv_heads * length, dim)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
@@ -360,8 +367,10 @@ class Engine:
         AttentionInterface.register(self.ATTENTION, block_attention)
         param = next(model.parameters())
         self.model, self.cfg, self.device, self.dtype, self.columns = model, cfg, param.device, param.dtype, columns
-        self.scratch = rows  # one more row: a compiled step's padding writes there
-        self.cache = KVCache(config, rows + 1, columns, param.dtype, param.device)
+        # One more row and column than asked for: a compiled step's padding rows write into the last row, a padded
+        # prefill's overflow into the last column.
+        self.scratch = rows
+        self.cache = KVCache(config, rows + 1, columns + 1, param.dtype, param.device)
         self.n_rep = config.num_attention_heads // config.num_key_value_heads
         self.stop = torch.tensor(sorted(stop_ids), device=self.device)
         # transformers renamed `past_key_values` to `cache` (5.x deprecates the old name); use what this model takes.
@@ -375,12 +384,15 @@ class Engine:
             self.step = torch.compile(self._step, mode=mode, dynamic=False)
 
     def _forward(self, block: slice, rows, ids, pos, width: int, logits: bool):
-        """Feed ids [n, L] to the rows at places `rows` of `block` (None: the whole block, in order), from positions
-        pos [n]; the last position's logits."""
+        """Feed ids [n, L] to the rows at places `rows` of `block` (see block_attention), from positions pos [n]; the
+        last position's logits. A right-padded row's padding lands past its length (its next real tokens overwrite
+        it) or in the last column, which holds no real token."""
         length = ids.shape[1]
-        cols = pos[:, None] + torch.arange(length, device=self.device)
-        if rows is None:
-            self.cache.at(torch.arange(block.start, block.stop, device=self.device), cols, block, width)
+        cols = (pos[:, None] + torch.arange(length, device=self.device)).clamp(max=self.columns)
+        if rows is None or isinstance(rows, list):
+            places = torch.arange(block.start, block.stop, device=self.device) if rows is None else \
+                _to(self.device, [block.start + r for r in rows])
+            self.cache.at(places, cols, block, width)
             qpos = cols
         else:
             self.cache.at(rows + block.start, cols, block, width)
@@ -397,13 +409,21 @@ class Engine:
                          rows=rows, **{self.cache_kw: self.cache})
         return out.logits[:, -1] if logits else None
 
-    def prefill(self, row: int, tokens: list, pos: int):
-        """Write `tokens` into `row` from column `pos`: one forward, no logits."""
-        if tokens:
-            self._forward(slice(row, row + 1), None, _to(self.device, [tokens]), _to(self.device, [pos]),
-                          pos + len(tokens), logits=False)
-            self.slots += len(tokens)
-            self.real += len(tokens)
+    def prefill(self, fills: list):
+        """Write each (row, tokens, column) of `fills` into the cache, no logits: one right-padded forward per group
+        of similar lengths (a row is never padded to more than twice its length)."""
+        fills = sorted((f for f in fills if f[1]), key=lambda f: -len(f[1]))
+        while fills:
+            group = [f for f in fills if 2 * len(f[1]) > len(fills[0][1])]
+            fills = fills[len(group):]
+            rows, tokens, pos = zip(*sorted(group))
+            length = max(len(t) for t in tokens)
+            block = slice(min(rows), max(rows) + 1)
+            ids = _to(self.device, [t + t[-1:] * (length - len(t)) for t in tokens])  # any id pads
+            self._forward(block, [r - block.start for r in rows], ids, _to(self.device, list(pos)),
+                          min(self.columns, max(p + len(t) for p, t in zip(pos, tokens))), logits=False)
+            self.slots += len(group) * length
+            self.real += sum(len(t) for t in tokens)
 
     def _step(self, block: slice, width: int, rows, inp, pos, count, limit, active, seeds):
         """One decode step for the fed rows: the next token of each, its log-prob, and the rows' new state. The stop
@@ -461,15 +481,6 @@ def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, count
     holder = {}  # a prompt (all but its last token) -> a row whose first columns hold it
     running = {}  # the future of an env step -> (episode, time submitted)
 
-    def begin_turn(i, pending):
-        """Prefill all pending tokens but the last, which the turn's first decode step feeds."""
-        ep = episodes[i]
-        engine.prefill(row[i], pending[:-1], cached[i])
-        cached[i] += len(pending) - 1
-        counts["tokens_prefill"] += len(pending) - 1
-        left = cfg.max_episode_tokens - (len(ep.ids) - ep.info["prompt_tokens"])
-        turn[i] = {"next": pending[-1], "limit": min(cfg.max_new_tokens, left), "gen": [], "lps": []}
-
     def finish(i):
         heapq.heappush(free, row.pop(i))
         bar.update(1)
@@ -479,6 +490,7 @@ def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, count
     try:
         while waiting or turn or running:
             t0 = time.perf_counter()
+            fills, copies, starts = [], [], []  # prefills (row, tokens, column), prompt copies, turns to begin
             while waiting and free:  # admit
                 i = waiting.popleft()
                 r = row[i] = heapq.heappop(free)
@@ -487,13 +499,12 @@ def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, count
                     for key in [k for k, v in holder.items() if v == r]:
                         del holder[key]
                     if prompt in holder:
-                        engine.cache.copy_prefix(holder[prompt], r, len(prompt))
+                        copies.append((holder[prompt], r, len(prompt)))
                     else:
-                        engine.prefill(r, list(prompt), 0)
-                        counts["tokens_prefill"] += len(prompt)
+                        fills.append((r, list(prompt), 0))
                         holder[prompt] = r
                 cached[i] = len(prompt)
-                begin_turn(i, episodes[i].ids[-1:])
+                starts.append((i, episodes[i].ids[-1:]))
 
             now = time.perf_counter()  # observations back (or overdue): prefill and rejoin, or end
             for fut in [f for f, (_, t) in running.items() if f.done() or now - t > cfg.env_timeout]:
@@ -507,7 +518,19 @@ def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, count
                     finish(i)
                 else:
                     _append(ep, piece, 0)
-                    begin_turn(i, unfed.pop(i) + piece)
+                    starts.append((i, unfed.pop(i) + piece))
+
+            # A turn's pending tokens are prefilled but the last, which its first decode step feeds.
+            fills += [(row[i], pending[:-1], cached[i]) for i, pending in starts]
+            engine.prefill(fills)
+            for src, dst, n in copies:  # after the prefill that may have written their source
+                engine.cache.copy_prefix(src, dst, n)
+            counts["tokens_prefill"] += sum(len(tokens) for _, tokens, _ in fills)
+            for i, pending in starts:
+                ep = episodes[i]
+                cached[i] += len(pending) - 1
+                left = cfg.max_episode_tokens - (len(ep.ids) - ep.info["prompt_tokens"])
+                turn[i] = {"next": pending[-1], "limit": min(cfg.max_new_tokens, left), "gen": [], "lps": []}
 
             waited = 0.0
             if turn:  # decode a chunk; rows whose turn ended go to their envs
@@ -646,7 +669,7 @@ def _decode(batch: _Batch, first: list, live: list, cfg: RolloutConfig, stop_ids
         if not active.any():
             break
         inp = torch.where(active, tok, torch.full_like(tok, batch.pad_id))
-    batch.syncs += 1
+    batch.syncs += 2  # int(limits.max()) above, and the read back
     return torch.stack(toks, 1).cpu(), torch.stack(lps, 1).float().cpu(), count.tolist()
 
 

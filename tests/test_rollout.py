@@ -313,7 +313,8 @@ def test_engine_admits_waiting_episodes_into_freed_rows(tiny, toy):
     # Each group's second episode copied its sibling's prompt from the cache; nothing else was ever copied.
     bpt = rollout.kv_bytes_per_token(model.config, torch.float32)
     assert stats["cache_bytes_copied"] <= sum(eps[2 * g].info["prompt_tokens"] - 1 for g in range(3)) * bpt
-    assert stats["cache_bytes"] == 3 * (max(ep.info["prompt_tokens"] for ep in eps) + 8192) * bpt  # 2 rows + scratch
+    # Allocated once: 2 rows (plus a scratch row) x (longest prompt + the episode budget, plus a scratch column).
+    assert stats["cache_bytes"] == 3 * (max(ep.info["prompt_tokens"] for ep in eps) + 8192 + 1) * bpt
 
 
 def test_engine_user_failure_while_other_rows_decode(tiny, toy):
