@@ -280,7 +280,7 @@ def token_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> tor
 def kv_bytes_per_token(config, dtype) -> int:
     """Bytes of keys and values one token takes in the cache, all layers."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
 
 
 class KVCache:

@@ -496,6 +496,22 @@ def test_sample_tokens_top_p_and_greedy():
     assert abs((tokens == 0).float().mean().item() - tempered[0].item()) < 0.03
 
 
+def test_token_noise_samples_the_distribution_and_depends_only_on_its_keys():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    seeds = torch.randint(0, 1 << 62, (4000,))
+    positions = torch.randint(0, 8192, (4000,))
+    noise = rollout.token_noise(seeds, positions, 4)
+    assert torch.equal(noise, rollout.token_noise(seeds, positions, 4)) and (noise > 0).all()
+    assert not torch.equal(noise, rollout.token_noise(seeds, positions + 1, 4))
+    tokens, _ = rollout.sample_tokens(logits, noise=noise)
+    assert torch.allclose(torch.bincount(tokens, minlength=4) / 4000., torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    # One episode's tokens at consecutive positions are independent draws too.
+    tokens, _ = rollout.sample_tokens(logits, noise=rollout.token_noise(seeds[:1].expand(4000), torch.arange(4000), 4))
+    assert torch.allclose(torch.bincount(tokens, minlength=4) / 4000., torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    pairs = (tokens[:-1] == 0) & (tokens[1:] == 0)
+    assert abs(pairs.float().mean().item() - 0.25) < 0.03
+
+
 def test_bad_arguments_are_named(tiny, toy):
     model, tok = tiny
     with pytest.raises(ValueError, match="group_size"):
