@@ -1030,8 +1030,8 @@ def _record_scores(episodes, env_list):
 
 
 def write_transcripts(path, episodes, tokenizer=None, append: bool = False):
-    """One JSON line per episode: gym, task_id, messages, turn_rewards, turn_info, failed, info. With a tokenizer and token
-    ids, also `text` (the ids decoded: exactly what the policy saw) and the token counts."""
+    """One JSON line per episode: gym, task_id, messages, turn_rewards, turn_info, failed, info. With a tokenizer and
+    token ids, also `text` (the ids decoded: exactly what the policy saw) and the token counts."""
     with open(path, "a" if append else "w", encoding="utf-8") as f:
         for ep in episodes:
             rec = {"gym": ep.gym, "task_id": ep.info.get("task_id"), "messages": ep.messages,

@@ -136,7 +136,8 @@ def run_schedule(policy, tok, user, n_tasks, group, turns, longest, schedule):
     assert not any(ep.failed for ep in eps), [ep.info.get("error") for ep in eps if ep.failed]
     tokens = stats["tokens_generated"]
     return {"episodes_per_s": len(eps) / wall, "slot_utilization": stats["slot_utilization"],
-            "syncs_per_token": stats["host_syncs"] / tokens, "copied_bytes_per_token": stats["cache_bytes_copied"] / tokens,
+            "syncs_per_token": stats["host_syncs"] / tokens,
+            "copied_bytes_per_token": stats["cache_bytes_copied"] / tokens,
             "no_decode_fraction": 1 - stats["time_decode"] / wall, "wall_s": wall, "tokens_generated": tokens,
             "context_mean": sum(len(ep.ids) for ep in eps) / len(eps), "decode_steps": stats["decode_steps"],
             "cache_mib": stats["cache_bytes"] / 2**20, "ids": [ep.ids for ep in eps]}

@@ -565,7 +565,8 @@ def test_the_agent_loop_passes_each_agent_its_env(toy):
 
         def complete(self, messages, tools, env=None):
             assert tools == [envs.TOOL_SCHEMA] and isinstance(env, ToyEnv)
-            call = json.dumps({"name": "interact_with_env", "arguments": {"choice": "action", "content": env.task["id"]}})
+            args = {"choice": "action", "content": env.task["id"]}
+            call = json.dumps({"name": "interact_with_env", "arguments": args})
             return {"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"}
 
     eps = rollout.rollout(Oracle(), None, [("toy", task(j, turns=2)) for j in range(2)], 1, cfg())
