@@ -19,17 +19,40 @@ are the biggest tensor of the whole step (8 rollouts x 8,192 tokens: 40 GB in fp
 
 Both chunked paths expect `hidden` to hold only the positions whose loss mask is 1: the trainer selects
 them before the vocab projection, so prompt, user and env tokens never reach the lm_head. Inputs may be
-bf16/fp16: the matmuls run in the input dtype, everything after them (softmax, loss, the weight-gradient
-sum over chunks) in fp32.
+bf16/fp16. What runs in which precision (see _logits and _project_back):
+  logits      CUDA (the kernel is checked once per device type by fp32_out_matmuls): a bf16 matmul that writes
+              fp32 (torch.mm(..., out_dtype=torch.float32)), so no logit is rounded; CPU (no such kernel in
+              torch 2.13): a bf16 matmul whose bf16 output is copied to fp32, so each logit is rounded to bf16
+              first (spacing 0.125 for |logit| in [16, 32)).
+  softmax, loss, entropy: fp32 everywhere.
+  d hidden    the fp32 d logits tile rounded to the input dtype, one matmul, the result in the input dtype.
+  d weight    summed over chunks into one fp32 buffer, cast to the weight's dtype once at the end. CUDA: the
+              bf16 d logits times bf16 hidden, added into the buffer in fp32 (addmm with out_dtype, when the
+              device passes fp32_out_matmuls' check); CPU: an fp32 matmul.
+Chunks are sized from a memory budget per device (CHUNK_MB: CPU caches want small tiles, a GPU big ones).
 
     python bench/logprob.py --quick          # memory and time of the three paths against naive
 """
+import functools
 from dataclasses import dataclass
 
 import torch
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 STATS = ("clip_frac", "approx_kl", "entropy", "kl", "logprob")
+# LossConfig.chunk_mb = 0 picks the budget of one tokens x vocab fp32 tile by device type (MiB).
+# cpu 96: 165 tokens at vocab 151,936. The training path holds two such tiles plus the fp32 weight gradient
+#   (vocab x hidden x 4 bytes, which any backward needs); 96 keeps the pair at a third of that gradient at
+#   Qwen shapes (measured: 8.7x less peak memory than naive at 4,096 tokens, the bench's CPU shape; 128 gave
+#   8.1x) while each chunk keeps 100+ rows, enough for the CPU matmuls to run near full speed (0.74x naive's
+#   time).
+# other (cuda) 1024: 1,766 tokens at vocab 151,936. One chunk issues about 75 small kernels (softmax, the loss
+#   and its autograd on (tokens,) vectors, the scatter), ~0.5-1 ms of host time, against ~10 ms of GPU work at
+#   1,766 tokens (3 matmuls of 2 x 1,766 x hidden x vocab flops, ~16 passes over the tile); at 165 tokens the
+#   GPU work (~1 ms, with small-m matmuls below peak) no longer hides the launches. Memory: two 1 GiB tiles plus
+#   the bf16 copy of d logits (0.5 GiB) = 2.5 GiB, next to a 1.45 GiB fp32 weight gradient at Qwen3-4B.
+#   Estimated from the shapes, not measured: bench/gpu_smoke.py times 256, 1,024 and 4,096 MiB.
+CHUNK_MB = {"cpu": 96.0, "other": 1024.0}
 
 
 @dataclass
@@ -46,13 +69,10 @@ class LossConfig:
     temperature: float = 1.0
     """logits are divided by this before the softmax; must equal the rollout's sampling temperature so the
     ratio compares the same distributions"""
-    chunk_mb: float = 96
-    """memory budget in MiB for one chunk's tokens x vocab fp32 tile (165 tokens at vocab 151,936). The
-    training path holds two such tiles (shifted logits and their exp, for the entropy) plus the fp32
-    weight gradient (vocab x hidden x 4 bytes, which any backward needs). 96 keeps the pair at a third of
-    that gradient at Qwen shapes (measured: 8.7x less peak memory than naive at 4,096 tokens, the bench's
-    CPU shape; 128 gave 8.1x) while each chunk keeps 100+ rows, enough for the matmuls to run near full
-    speed (the fused path took 0.74x naive's time)"""
+    chunk_mb: float = 0
+    """memory budget in MiB for one chunk's tokens x vocab fp32 tile; the training path holds two such tiles
+    (shifted logits and their exp, for the entropy). 0 = by the device of the hidden states (CHUNK_MB): 96 on
+    CPU (165 tokens at vocab 151,936), 1,024 on a GPU (1,766 tokens)"""
     agg: str = "token-mean"
     """loss aggregation, one of AGG_MODES (see loss_weights); token-mean is the paper's"""
     norm_len: int = 8192
@@ -67,13 +87,24 @@ class LossConfig:
             raise ValueError(f"clip_low must be in [0, 1) and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.chunk_mb <= 0 or self.norm_len <= 0:
-            raise ValueError(f"chunk_mb and norm_len must be > 0, got {self.chunk_mb}, {self.norm_len}")
+        if self.chunk_mb < 0:
+            raise ValueError(f"chunk_mb must be >= 0 (0 = by device), got {self.chunk_mb}")
+        if self.norm_len <= 0:
+            raise ValueError(f"norm_len must be > 0, got {self.norm_len}")
 
 
-def chunk_tokens(vocab: int, chunk_mb: float) -> int:
-    """Tokens per chunk so that one tokens x vocab fp32 tile fits in chunk_mb MiB."""
-    return max(1, int(chunk_mb * 2 ** 20) // (4 * vocab))
+def chunk_budget_mb(chunk_mb: float, device=None) -> float:
+    """The tile budget in MiB: chunk_mb itself, or when it is 0 the default of the device's type (CHUNK_MB;
+    device None means the CPU)."""
+    if chunk_mb:
+        return chunk_mb
+    kind = torch.device(device).type if device is not None else "cpu"
+    return CHUNK_MB["cpu" if kind == "cpu" else "other"]
+
+
+def chunk_tokens(vocab: int, chunk_mb: float, device=None) -> int:
+    """Tokens per chunk so that one tokens x vocab fp32 tile fits in chunk_mb MiB (0: the device's default)."""
+    return max(1, int(chunk_budget_mb(chunk_mb, device) * 2 ** 20) // (4 * vocab))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,10 +168,40 @@ def _tiles(rows: int, vocab: int, count: int, device) -> list:
     return [torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in range(count)]
 
 
+@functools.cache
+def fp32_out_matmuls(device_type: str) -> dict:
+    """Which fp32-output matmuls for bf16 inputs this device type runs correctly, tried once on 2 x 2 matrices:
+      mm     torch.mm(a, b, out_dtype=torch.float32, out=z): the product of bf16 matrices written in fp32
+      addmm  torch.addmm(c, a, b, out_dtype=torch.float32, out=c) with c in fp32: bf16 products added into an
+             fp32 buffer, the buffer itself never rounded (checked with c = 1/3, which bf16 cannot hold)
+    torch 2.13 has CUDA kernels for these overloads and none on the CPU (NotImplementedError there); whether
+    the CUDA addmm accepts an fp32 `c` has varied between versions, hence the check rather than a version test."""
+    ok = {"mm": False, "addmm": False}
+    try:
+        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device_type)
+        b = a.to(torch.bfloat16)
+        ok["mm"] = torch.equal(torch.mm(b, b, out_dtype=torch.float32, out=torch.empty_like(a)), a @ a)
+        c = torch.full((2, 2), 1 / 3, device=device_type)
+        want = c + a @ a
+        torch.addmm(c, b, b, out_dtype=torch.float32, out=c)
+        ok["addmm"] = c.dtype == torch.float32 and bool((c - want).abs().max() < 1e-5)
+    except (RuntimeError, NotImplementedError, TypeError):
+        pass
+    return ok
+
+
 def _logits(out, h, weight):
-    """out <- h W^T in fp32 (the matmul runs in the input dtype, accumulating in fp32)."""
+    """out <- h W^T as fp32 logits, in the fp32 tile `out`.
+
+    fp32 inputs: an fp32 matmul (TF32 on CUDA when torch.backends.cuda.matmul.allow_tf32 is set).
+    bf16/fp16 inputs on a device with an fp32-output matmul (CUDA): the matmul writes fp32 straight into the
+    tile, so the logits carry fp32 accumulation and no rounding. Elsewhere (the CPU): the matmul's output in
+    the input dtype, copied into the tile: each logit rounded to bf16 (up to 0.06 nats at |logit| in [16, 32)),
+    as a plain `(h @ W.t()).float()` would."""
     if weight.dtype == torch.float32:
         return torch.mm(h, weight.t(), out=out)
+    if fp32_out_matmuls(h.device.type)["mm"]:
+        return torch.mm(h, weight.t(), out_dtype=torch.float32, out=out)
     return out.copy_(torch.mm(h, weight.t()))
 
 
@@ -170,13 +231,24 @@ def _softmax_chunk(h, weight, y, inv_t: float, z, e=None):
 
 
 def _project_back(dz, h, weight, dh_out, dw):
-    """dz = dLoss/dlogits (fp32 tile): dh_out = dz W (written in place) and dw += dz^T h in fp32."""
+    """dz = dLoss/dlogits (fp32 tile): dh_out = dz W (written in place) and dw += dz^T h in fp32.
+
+    fp32 weights: both products in fp32 (TF32 on CUDA when torch.backends.cuda.matmul.allow_tf32 is set).
+    bf16/fp16 weights: dz is rounded to their dtype once (a chunk-sized temporary, half the tile).
+      dh  one matmul in that dtype (fp32 accumulation inside), its output in that dtype: each row is written
+          once, and the decoder's backward runs in that dtype anyway.
+      dw  this product is summed over every chunk, so the sum stays fp32. Where fp32_out_matmuls has addmm
+          (CUDA): a bf16 matmul that adds into the fp32 buffer (full bf16 speed; only dz's rounding, as in any
+          bf16 backward). Elsewhere (the CPU): an fp32 matmul of the fp32 dz and h.float()."""
+    low = weight.dtype != torch.float32
+    fast_dw = dw is not None and low and fp32_out_matmuls(h.device.type)["addmm"]
+    dz_low = dz.to(weight.dtype) if low and (dh_out is not None or fast_dw) else dz
     if dh_out is not None:
-        torch.mm(dz if weight.dtype == torch.float32 else dz.to(weight.dtype), weight, out=dh_out)
-    if dw is not None:
-        # bf16/fp16 inputs: this product is summed over every chunk, so it runs in fp32 (TF32 on a GPU
-        # when torch.backends.cuda.matmul.allow_tf32 is set) rather than rounding each chunk to bf16
-        dw.addmm_(dz.t(), h if h.dtype == torch.float32 else h.float())
+        torch.mm(dz_low, weight, out=dh_out)
+    if fast_dw:
+        torch.addmm(dw, dz_low.t(), h, out_dtype=torch.float32, out=dw)
+    elif dw is not None:
+        dw.addmm_(dz.t(), h.float() if low else h)
 
 
 def _check_inputs(hidden, weight, targets, temperature, *per_token):
@@ -256,7 +328,7 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, re
 
     hidden (..., H) and targets (...): pass only the positions you need (the loss-mask positions).
     With return_entropy, also the per-token entropy from the same pass: (logp, entropy).
-    chunk_size tokens are projected at a time (pick it with chunk_tokens(vocab, budget_mb)).
+    chunk_size tokens are projected at a time (pick it with chunk_tokens(vocab, budget_mb, device)).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -277,7 +349,7 @@ class _FusedGRPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, old, adv, weights, ref, cfg, need_dh, need_dw):
         n = hidden.shape[0]
-        chunk = chunk_tokens(weight.shape[0], cfg.chunk_mb)
+        chunk = chunk_tokens(weight.shape[0], cfg.chunk_mb, hidden.device)
         inv_t = 1.0 / cfg.temperature
         dh = torch.empty_like(hidden) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None

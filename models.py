@@ -9,7 +9,15 @@ decoder (hidden 64, 2 layers, 4 heads) initialised from a seed, and a byte-level
 well under a second on this repository's own task data, wrapped as a `PreTrainedTokenizerFast` with the
 special tokens and a Qwen-style chat template that renders tool calls. It is the same code path as a real
 model everywhere else: rollout, log-probs, checkpoints.
+
+The rollout copy: generation runs on its own unsharded copy of the policy (bf16 when training in bf16), made by
+`rollout_copy` and refreshed from the trained weights every step by `refresh_rollout_copy`. Only PARAMETERS are
+cast: buffers such as RoPE's `inv_freq` keep the training model's dtype and values. `model.to(bfloat16)` would
+round inv_freq too, and at Qwen3's geometry (head_dim 128, theta 1e6) the rotation angles then drift with the
+position (cos off by 1.6 at position 2,000), so the tokens would be sampled from another model than the one
+trained (tests/test_models.py measures it).
 """
+import copy
 import os
 from pathlib import Path
 
@@ -122,3 +130,44 @@ def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.floa
         raise ValueError(f"{name_or_path}: the tokenizer's pad token must exist and differ from eos "
                          f"(pad={tokenizer.pad_token!r}, eos={tokenizer.eos_token!r})")
     return model, tokenizer
+
+
+def rollout_copy(model, dtype: torch.dtype):
+    """A copy of `model` for generation: floating parameters cast to `dtype`, everything else as it is.
+
+    Buffers (RoPE's inv_freq and original_inv_freq, ...) keep their dtype and values, so positions rotate exactly
+    as in the training forward. Ties survive (a tied lm_head stays the embedding). The copy is in eval mode,
+    without gradients or gradient checkpointing, on the model's device.
+
+    Peak memory on that device: the training model plus the copy's parameters in `dtype` (for an fp32 model of
+    P parameters and a bf16 copy, 4P + 2P bytes), since each parameter is cast straight from the training
+    tensor; `copy.deepcopy(model).to(bf16)` held a second fp32 model first (4P + 4P). Make the copy before
+    sharding the model (FSDP2): a sharded module cannot be copied, its parameters are DTensor shards.
+    """
+    params = list(model.parameters())
+    if any(hasattr(p, "full_tensor") for p in params):
+        raise ValueError("rollout_copy: the model's parameters are sharded (DTensor): make the copy before "
+                         "fully_shard, then keep it current with refresh_rollout_copy")
+    # deepcopy consults the memo before copying anything: each parameter (and every module that shares it, as
+    # a tied lm_head does) gets the cast tensor below, and the rest of the module tree is copied as it is
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype if p.is_floating_point() else p.dtype, copy=True),
+                                      requires_grad=False) for p in params}
+    out = copy.deepcopy(model, memo)
+    if getattr(out, "is_activation_checkpointing", False):
+        out.activation_checkpointing_disable()
+    return out.eval()
+
+
+@torch.no_grad()
+def refresh_rollout_copy(rollout_model, model):
+    """Copy the trained parameters of `model` into its rollout copy (cast on the way); buffers do not train.
+
+    `model` may be sharded with FSDP2: each DTensor parameter is gathered in full (`full_tensor()`, a collective
+    every rank must join, in the same order) one at a time, so the transient extra memory is one parameter in
+    the training dtype."""
+    dst = dict(rollout_model.named_parameters())
+    for name, p in model.named_parameters():
+        if name not in dst or dst[name].shape != p.shape:
+            raise ValueError(f"refresh_rollout_copy: the rollout copy has no parameter {name!r} of shape "
+                             f"{tuple(p.shape)} (is it a copy of this model?)")
+        dst[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)

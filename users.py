@@ -3,31 +3,37 @@
 A gym never talks to a model directly. For each LLM-backed role it plays (a quiz host, a judge, a person to
 persuade) it calls
 
-    user.act(role, messages, **facts)      # e.g. role "turtle.host", facts task=..., question=...
+    user.act(role, messages, rule=fn, **facts)   # e.g. role "turtle.host", rule host_rule, task=..., question=...
 
-`messages` is the role's prompt (written in envs.py, next to the gym). An LLM backend answers it; the
-scripted backend ignores it and applies the deterministic rule registered for `role` in ROLES to `facts`,
-returning text in the same format the prompt asks the LLM for, so both go through the gym's same parser.
-The tool-backed gyms keep their roles' prompts and rules next to their worlds (travel.py, retail.py, search.py),
-which use this module's parsers, keyword matching and HTTP retries; envs.py adds their rules to ROLES.
+`messages` is the role's prompt and `rule` the role's deterministic stand-in, both written in the gym's module
+(gyms/<name>.py). An LLM backend answers `messages` and ignores `rule`; the scripted backend ignores `messages`
+and returns `rule(**facts)`, text in the same format the prompt asks the LLM for, so both go through the gym's
+same parser. This module also holds what the gyms share for that: parsers of what an LLM wrote, keyword
+matching for the scripted rules, and HTTP retries.
 
     user = make_user("scripted")                                         # offline: rules, for tests and demos
     user = make_user("http", base_url="http://localhost:8000/v1",        # vLLM / SGLang / OpenAI
                      model="Qwen/Qwen3-32B", max_concurrency=64)
     user = make_user("hf", model="Qwen/Qwen3-4B")                        # a transformers model in-process
 
+The hf user is a whole model in the trainer's process: in training, every rank loads its own copy onto its own
+GPU (a 32B user is 64 GB per rank, beside the policy). For large users, serve them once instead: train.py's
+`--user.serve_cmd "vllm serve Qwen/Qwen3-32B --port {port}" --user.serve_gpus 2` starts an OpenAI-compatible server
+on GPUs of its own (UserServer, below) and points the http user at it.
+
 Every way an endpoint can fail after its retries raises UserError (the rollout catches it per episode).
 Its message never contains the API key.
 """
+import _thread
 import ast
 import json
-import math
 import os
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
 import requests
@@ -79,7 +85,7 @@ def extract_yes_no(text: str):
 
 
 @lru_cache(maxsize=8192)
-def _keyword_re(keyword: str, plural: bool = False):
+def keyword_re(keyword: str, plural: bool = False):
     words = [re.escape(w) for w in keyword.lower().split()]
     # lookarounds instead of \b so that keywords such as "c++" or "after-school" still match whole
     end = r"(?:s|es)?(?!\w)" if plural else r"(?!\w)"
@@ -89,7 +95,7 @@ def _keyword_re(keyword: str, plural: bool = False):
 def keyword_spans(text: str, keywords) -> list:
     spans = []
     for kw in keywords:
-        pattern = _keyword_re(kw)
+        pattern = keyword_re(kw)
         if pattern is not None:
             spans += [m.span() for m in pattern.finditer(text)]
     return spans
@@ -97,7 +103,7 @@ def keyword_spans(text: str, keywords) -> list:
 
 def mentions(text: str, keywords, plural: bool = False) -> bool:
     """Does `text` contain one of `keywords` (with `plural`, also "bags" for "bag", "buses" for "bus")?"""
-    return any((p := _keyword_re(kw, plural)) is not None and p.search(text) for kw in keywords)
+    return any((p := keyword_re(kw, plural)) is not None and p.search(text) for kw in keywords)
 
 
 def keyword_answer(question: str, yes, no) -> str:
@@ -113,90 +119,17 @@ def keyword_answer(question: str, yes, no) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Scripted roles: one function per role, registered in ROLES. Each returns what the role's prompt asks an LLM
-# to return. A later gym adds its roles the same way (a function and a line).
-
-
-def telepathy_answerer(task, question):
-    names = [task["entity"], *task.get("synonyms", [])]
-    return keyword_answer(question, [*names, *task["attributes"]["yes"]], task["attributes"]["no"])
-
-
-def telepathy_judge(task, guess):
-    # A guess names the thing and is short; "lion or giraffe" hedges, and a long list is not a guess.
-    names = [task["entity"], *task.get("synonyms", [])]
-    hit = [n for n in names if mentions(guess, [n])]
-    rest = guess
-    for n in hit:
-        rest = _keyword_re(n).sub(" ", rest)
-    correct = bool(hit) and len(rest.split()) <= 6 and not mentions(rest, ["or"])
-    return json.dumps({"correct": correct})
-
-
-def turtle_host(task, question):
-    return keyword_answer(question, task["host_facts"]["yes"], task["host_facts"]["no"])
-
-
-def criterion_score(story: str, groups) -> float:
-    """1 when every keyword group is matched, 0.5 when at least half are, else 0 (no groups: 0, unjudgeable)."""
-    if not groups:
-        return 0.0
-    matched = sum(mentions(story, group) for group in groups)
-    return 1.0 if matched == len(groups) else 0.5 if 2 * matched >= len(groups) else 0.0
-
-
-def turtle_judge(task, story):
-    return json.dumps({"scores": [criterion_score(story, c.get("keywords", [])) for c in task["criteria"]]})
-
-
-def intention_user(task, question):
-    # The person answers what was asked, picking their first option for every detail the question touches.
-    picks = [d["options"][0] for d in task["missing_details"] if d.get("options") and mentions(question, d.get("keywords", []))]
-    if not picks:
-        return "I don't have a particular preference about that."
-    return " ".join(p[0].upper() + p[1:] + "." for p in picks)
-
-
-def intention_evaluator(task, remaining, question):
-    covered = [i + 1 for i, d in enumerate(remaining) if mentions(question, d.get("keywords", []))]
-    return json.dumps({"covered": covered, "task_related": bool(covered)})
-
-
-def persuade_persuadee(task, stance, scale, history, argument):
-    # Moves toward disagreement by ceil(levels / counterpoints) per counterpoint raised for the first time,
-    # so raising every counterpoint reaches the far end of the scale; repetition and pressure move nothing.
-    points = task.get("counterpoints", [])
-    heard = {i for i, cp in enumerate(points) for h in history if mentions(h, cp["keywords"])}
-    new = [i for i, cp in enumerate(points) if i not in heard and mentions(argument, cp["keywords"])]
-    level = scale.index(stance)
-    if new:
-        level = min(len(scale) - 1, level + math.ceil((len(scale) - 1) / len(points)) * len(new))
-        response = "That is a point I had not weighed properly, and it does make me less sure."
-    else:
-        response = "I don't hear anything new in that, so I stay where I was."
-    return json.dumps({"response": response, "stance": scale[level]})
-
-
-ROLES = {
-    "telepathy.answerer": telepathy_answerer,
-    "telepathy.judge": telepathy_judge,
-    "turtle.host": turtle_host,
-    "turtle.judge": turtle_judge,
-    "intention.user": intention_user,
-    "intention.evaluator": intention_evaluator,
-    "persuade.persuadee": persuade_persuadee,
-}
-# The tool-backed gyms' roles (travel.py, retail.py, search.py) are added by envs.py: those modules import this
-# one, so importing them here would be circular.
+# The scripted backend
 
 
 class ScriptedUser:
-    """Deterministic rules per role; needs no model and no network."""
+    """Deterministic rules, no model and no network: `act` runs the rule the gym hands it for the role."""
 
-    def act(self, role: str, messages: list, **facts) -> str:
-        if role not in ROLES:
-            raise KeyError(f"no scripted rule for role {role!r}; known roles: {sorted(ROLES)}")
-        return ROLES[role](**facts)
+    def act(self, role: str, messages: list, rule=None, **facts) -> str:
+        if rule is None:
+            raise ValueError(f"scripted user: no rule for role {role!r}; a gym passes its rule as "
+                             "act(role, messages, rule=fn, **facts)")
+        return rule(**facts)
 
     def reply(self, messages: list) -> str:
         raise UserError("the scripted user has no free-form reply: it answers only a role, through act()")
@@ -254,17 +187,18 @@ def _assistant_message(r):
 
 
 @dataclass
-class HTTPUser:
-    """POST {base_url}/chat/completions, thread-safe, with at most `max_concurrency` requests in flight."""
+class HTTPSettings:
+    """The fields of an OpenAI-compatible endpoint's client: HTTPUser's, and (through UserConfig) train.py's
+    --user.* keys. One definition, so the trainer and the client cannot drift apart."""
 
     model: str = ""
-    """model name the server serves, e.g. Qwen/Qwen3-32B or gpt-4o"""
+    """http: the model name the server serves, e.g. Qwen/Qwen3-32B or gpt-4o; hf: a hub id or local folder"""
     base_url: str = ""
     """e.g. http://localhost:8000/v1; empty means $OPENAI_BASE_URL"""
     api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the key (sent as a Bearer token; none sent when it is unset)"""
+    """environment variable holding the key (sent as a Bearer token; none sent when it is unset; never logged)"""
     temperature: float = 0.0
-    """sampling temperature of the simulated user (the original uses 0)"""
+    """sampling temperature of the simulated user (the original's users and judges are greedy)"""
     max_tokens: int = 2048
     """reply length limit (the original's)"""
     timeout: float = 60.0
@@ -273,10 +207,15 @@ class HTTPUser:
     """retries after the first attempt, on timeouts, connection errors, 429, 5xx and malformed replies"""
     backoff: float = 1.0
     """seconds before the first retry, doubling after each (a Retry-After header can ask for longer)"""
-    max_concurrency: int = 32
-    """requests in flight at once from this object, across all threads that share it"""
+    max_concurrency: int = 64
+    """requests in flight at once from this client, across all threads that share it (per rank in training)"""
     extra_body: dict = field(default_factory=dict)
     """merged into every request, e.g. {"chat_template_kwargs": {"enable_thinking": false}} for Qwen3"""
+
+
+@dataclass
+class HTTPUser(HTTPSettings):
+    """POST {base_url}/chat/completions, thread-safe, with at most `max_concurrency` requests in flight."""
 
     def __post_init__(self):
         self.base_url = (self.base_url or os.environ.get("OPENAI_BASE_URL", "")).rstrip("/")
@@ -297,8 +236,29 @@ class HTTPUser:
         key = self._key()
         return UserError(message.replace(key, "***") if key else message)
 
+    def probe(self, timeout: float = 10.0) -> list:
+        """Check once, before any work, that GET {base_url}/models answers and lists `model`; returns the served
+        names. Raises UserError naming the endpoint (never the key): a run against a dead endpoint would otherwise
+        "succeed" with every episode failed."""
+        url = self.base_url + "/models"
+        headers = {"Authorization": f"Bearer {self._key()}"} if self._key() else {}
+        try:
+            r = requests.get(url, headers=headers, timeout=timeout)
+        except requests.RequestException as e:
+            raise self._fail(f"cannot reach {url} ({type(e).__name__}): is the server running?") from None
+        if r.status_code != 200:
+            raise self._fail(f"{url} answered HTTP {r.status_code}: {r.text[:200]!r}")
+        try:
+            served = [m["id"] for m in r.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise self._fail(f"{url} did not answer with a model list: {r.text[:200]!r}") from None
+        if self.model not in served:
+            raise self._fail(f"{url} does not serve {self.model!r}; it serves {served[:20]}")
+        return served
+
     def complete(self, messages: list, tools: list | None = None, env=None) -> dict:
-        """The assistant message (a dict with `content` and maybe `tool_calls`) the endpoint returns."""
+        """The assistant message (a dict with `content` and maybe `tool_calls`) the endpoint returns. `env` is
+        ignored: rollout's agent loop passes it to every agent (envs.ExpertAgent reads it)."""
         body = {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, **self.extra_body}
         if tools:
@@ -331,7 +291,8 @@ class HTTPUser:
 
 @dataclass
 class HFUser:
-    """A causal LM loaded with `models.load_model`, replying greedily; batched, one generation at a time."""
+    """A causal LM loaded with `models.load_model`, replying greedily; batched, one generation at a time. One copy
+    per process: in training that is one per rank, on the rank's GPU (see the module docstring for large users)."""
 
     model: str = "tiny"
     """hub id, local folder, or "tiny" (the offline test model)"""
@@ -394,3 +355,171 @@ def make_user(backend: str = "scripted", **kwargs):
         return BACKENDS[backend](**kwargs)
     except TypeError as e:
         raise TypeError(f"{backend} user: {e}") from None
+
+
+@dataclass
+class UserConfig(HTTPSettings):
+    """The simulated user as a config (train.py's --user.*): a backend, HTTPUser's fields for http; the hf user
+    takes `model` and `max_tokens` (greedy, as the original's users)."""
+
+    backend: str = "scripted"
+    """scripted (offline rules), http (any OpenAI-compatible endpoint), hf (a transformers model in-process: one
+    copy per rank, on the rank's GPU; for a large user use serve_cmd)"""
+    probe: bool = True
+    """http: check at start that GET {base_url}/models answers and serves `model`; false for endpoints that have
+    no /models route"""
+    serve_cmd: str = ""
+    """http: a command that serves the OpenAI API, started by train.py for the run and stopped at its end, e.g.
+    "vllm serve Qwen/Qwen3-32B --port {port} --tensor-parallel-size 2"; {port} becomes a free port and the http
+    user talks to it (base_url is then ignored). Its output goes to user-server.log in the run folder"""
+    serve_gpus: int = 0
+    """GPUs the started server gets: the LAST N visible ones (its CUDA_VISIBLE_DEVICES); training uses the others.
+    0 on a machine without GPUs"""
+    serve_timeout: float = 1800.0
+    """seconds the started server may take to answer GET /models (loading a 32B model takes minutes)"""
+
+
+def from_config(cfg: UserConfig):
+    """The user a UserConfig describes; None for scripted (envs.make_env builds one per env)."""
+    if cfg.backend == "scripted":
+        return None
+    if cfg.backend == "hf":
+        return make_user("hf", model=cfg.model, max_new_tokens=cfg.max_tokens)
+    return make_user("http", **{f.name: getattr(cfg, f.name) for f in fields(HTTPSettings)})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Starting the simulated user's own server (train.py --user.serve_cmd): the paper's user, Qwen3-32B, needs GPUs
+# of its own, so a one-box run starts it beside the trainer and points the http user at it.
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it; a race with another process is possible but rare)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UserServer:
+    """Runs `cmd`, any command that serves the OpenAI API on 127.0.0.1 (e.g. "vllm serve Qwen/Qwen3-32B --port
+    {port}"), as a child process in its own process group, with `env` applied to this process's environment (a
+    value of None removes the variable; train.py sets CUDA_VISIBLE_DEVICES to the GPUs kept for it). "{port}" in
+    `cmd` becomes a free port. Its output goes to `log_path`. `start()` returns the base url once
+    `GET {base_url}/models` answers 200; a server that exits or is not healthy within `timeout` seconds raises
+    UserError with the last lines of its log. `close()` stops the whole process group (SIGTERM, then SIGKILL after
+    `grace` seconds); it is safe to call twice. Use it as a context manager so every exit path stops it, and
+    `watch(on_exit)` to hear of a server that dies during the run."""
+
+    def __init__(self, cmd: str, log_path, env: dict | None = None, timeout: float = 1800.0, grace: float = 30.0):
+        if not cmd.strip():
+            raise ValueError("user server: empty command")
+        self.port = free_port()
+        self.cmd = cmd.replace("{port}", str(self.port))
+        self.log_path, self.env, self.timeout, self.grace = log_path, dict(env or {}), timeout, grace
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc = None
+        self._closed = threading.Event()
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-lines:]).rstrip()
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> str:
+        import shlex
+        import subprocess
+
+        self._log = open(self.log_path, "ab")
+        env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
+        self.proc = subprocess.Popen(shlex.split(self.cmd), stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.close()
+                raise UserError(f"user server exited with code {self.proc.returncode} before it was healthy: "
+                                f"{self.cmd!r}; last lines of {self.log_path}:\n{self.tail()}")
+            try:
+                if requests.get(self.base_url + "/models", timeout=5).status_code == 200:
+                    return self.base_url
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise UserError(f"user server not healthy after {self.timeout:.0f} s ({self.base_url}/models): {self.cmd!r}; "
+                        f"last lines of {self.log_path}:\n{self.tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def watch(self, on_exit, every: float = 1.0):
+        """Call `on_exit()` (from a daemon thread) if the server exits before `close()`."""
+        def loop():
+            while not self._closed.wait(every):
+                if not self.alive() and not self._closed.is_set():
+                    on_exit()
+                    return
+
+        threading.Thread(target=loop, daemon=True, name="user-server-watch").start()
+
+    def close(self):
+        import signal
+        import subprocess
+
+        self._closed.set()
+        if self.proc is not None:
+            # The whole group: servers such as vLLM start worker processes of their own.
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(self.grace)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever ignored SIGTERM, the leader or a worker
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@contextmanager
+def serve(cfg: UserConfig, log_path, gpus: list, env: dict | None = None):
+    """The server `cfg.serve_cmd` for the length of a `with` block (train.py: the whole run) on `gpus` (its
+    CUDA_VISIBLE_DEVICES; `env`: more of its environment, as UserServer takes it), its output in `log_path`;
+    yields its base URL, or None when there is no command. It is started and probed (it must serve `cfg.model`)
+    before the block and stopped on every way out of it. If it exits while the block runs, the main thread is
+    interrupted as by Ctrl-C, and the block ends with UserError and the last lines of its log, however the
+    interruption was handled on its way out."""
+    if not cfg.serve_cmd:
+        yield None
+        return
+    server = UserServer(cfg.serve_cmd, log_path, env={"CUDA_VISIBLE_DEVICES": ",".join(gpus), **(env or {})},
+                        timeout=cfg.serve_timeout)
+    print(f"user server: {server.cmd} (GPUs: {','.join(gpus) or 'none'}; output in {log_path}) ...", flush=True)
+    died = []
+    with server:
+        try:
+            from_config(replace(cfg, base_url=server.base_url)).probe()
+        except UserError as e:
+            raise UserError(f"user server: {e}; check --user.model against the command ({server.cmd!r})") from None
+        print(f"user server: ready at {server.base_url}", flush=True)
+        server.watch(lambda: (died.append(server.proc.returncode), _thread.interrupt_main()))
+        try:
+            yield server.base_url
+        finally:
+            if died:
+                raise UserError(f"user server exited with code {died[0]} during the run: {server.cmd!r}; last lines "
+                                f"of {log_path}:\n{server.tail()}") from None

@@ -9,7 +9,8 @@ stats (clip fraction, approx KL, entropy, log-prob mean) and the gradients for h
   naive    grpo.naive_grpo_loss: full logits, log_softmax + gather, autograd
   logprob  grpo.token_logprobs (keeps the logsumexp, the backward recomputes each chunk) + grpo.policy_loss
   fused    grpo.grpo_loss, the training path (gradients formed in the forward, nothing recomputed)
-Chunked paths use the same memory budget --chunk-mb for one tokens x vocab fp32 tile.
+Chunked paths use the same memory budget --chunk-mb for one tokens x vocab fp32 tile (default: the device's,
+grpo.CHUNK_MB: 96 MiB on CPU, 1,024 MiB on a GPU).
 
 Peak extra memory is measured from the moment the inputs exist (no gradients held yet) to the end of backward:
   cpu   the kernel's resident-set high-water mark (VmHWM), reset by writing 5 to /proc/self/clear_refs, minus
@@ -59,7 +60,7 @@ def run_once(method, cfg, hidden, weight, targets, old, adv, weights):
     elif method == "fused":
         loss, _ = grpo.grpo_loss(hidden, weight, targets, old, adv, weights, cfg)
     else:
-        chunk = grpo.chunk_tokens(weight.shape[0], cfg.chunk_mb)
+        chunk = grpo.chunk_tokens(weight.shape[0], cfg.chunk_mb, hidden.device)
         logp, entropy = grpo.token_logprobs(hidden, weight, targets, cfg.temperature, chunk, return_entropy=True)
         l_tok, _ = grpo.policy_loss(logp, old, adv, cfg)
         loss = (weights * l_tok).sum()
@@ -121,7 +122,8 @@ def main():
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--chunk-mb", type=float, default=grpo.LossConfig.chunk_mb, help="memory budget of one tile")
+    p.add_argument("--chunk-mb", type=float, default=grpo.LossConfig.chunk_mb,
+                   help="memory budget of one tile in MiB; 0 = the device's default (grpo.CHUNK_MB)")
     p.add_argument("--runs", type=int, default=1, help="runs per method per subprocess (the fastest counts)")
     p.add_argument("--rounds", type=int, default=2,
                    help="subprocess rounds, methods interleaved so that load from elsewhere hits all of them")
@@ -132,6 +134,7 @@ def main():
     if args.method:
         return child(args)
 
+    args.chunk_mb = grpo.chunk_budget_mb(args.chunk_mb, args.device)
     shape = dict(vocab=args.vocab, hidden=args.hidden, tokens=args.tokens, dtype=args.dtype, device=args.device,
                  chunk_mb=args.chunk_mb, chunk_tokens=grpo.chunk_tokens(args.vocab, args.chunk_mb))
     load_start = os.getloadavg()[0]

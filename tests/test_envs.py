@@ -1,8 +1,11 @@
-"""The gyms: full scripted episodes, reward rules, the safe rule evaluator, original-data loaders, and a fuzz
-test that no agent text can crash a gym or run code."""
+"""The gyms: full scripted episodes, the original's rules (each on a hand-made case), the safe rule evaluator, task
+validation and original-data loaders, the experts on every shipped task, import order, and a fuzz test that no
+agent text can crash a gym or run code."""
 import json
 import random
 import shutil
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -10,11 +13,11 @@ from pathlib import Path
 import pytest
 
 import envs
-import function_rules as fr
-import search
-import travel
 import users
+from gyms import function as fr
+from gyms import intention, persuade, search, travel, turtle
 
+ROOT = Path(__file__).resolve().parent.parent
 TESTS_DATA = Path(__file__).resolve().parent / "data"
 FIVE = ("function", "telepathy", "turtle", "intention", "persuade")
 EIGHT = FIVE + ("travel", "tau", "search")
@@ -163,7 +166,6 @@ def test_telepathy_episode_and_answer_rules():
     assert [r for _, r, _, _ in steps] == [0, 0, 0, 0, 0, 1.0]
     bad = play(envs.make_env("telepathy", TELE, max_turns=4), ["[answer] elephant"] * 9)
     assert total(bad) == 0 and len(bad) == 4
-    assert "not allowed" in envs.make_env("telepathy", TELE).step("[search] giraffe")[0]
 
 
 def test_turtle_rewards_are_improvements_over_the_best_score():
@@ -177,6 +179,9 @@ def test_turtle_rewards_are_improvements_over_the_best_score():
     assert total(play(envs.make_env("turtle", TURTLE, max_turns=3), ["[answer] It was raining."] * 5)) == 0
     partial = play(envs.make_env("turtle", TURTLE, success_threshold=0.5), ["[answer] a note from his son"])
     assert partial[-1][2]  # the success threshold is an override
+    assert turtle.criterion_score("a ship sank", [["ship", "boat"], ["sank"], ["storm"]]) == 0.5
+    assert turtle.criterion_score("a ship", [["ship"], ["sank"], ["storm"]]) == 0.0
+    assert turtle.criterion_score("anything", []) == 0.0  # no keywords: the rule cannot judge, so no credit
 
 
 def test_intention_rewards_by_importance_and_penalises_many_part_questions():
@@ -185,9 +190,9 @@ def test_intention_rewards_by_importance_and_penalises_many_part_questions():
     assert steps[0][0] == "Python."  # the user answers only what was asked
     assert [r for _, r, _, _ in steps] == pytest.approx([0.7, 0.0, 0.8])  # 1.0 - 0.2 for the second detail
     assert steps[-1][2] and steps[-1][3]["covered"] == 2
-    assert envs.clarification_reward([1, 1, 1, 1, 1, 1]) == 0.0 and envs.clarification_reward([]) == 0.0
+    assert intention.clarification_reward([1, 1, 1, 1, 1, 1]) == 0.0 and intention.clarification_reward([]) == 0.0
     bad = play(envs.make_env("intention", INTENT, max_turns=4), ["[action] ok?", "[answer] done"] * 3)
-    assert total(bad) == 0 and "not allowed" in bad[1][0]
+    assert total(bad) == 0 and len(bad) == 4
 
 
 def test_persuade_rewards_stance_moves_toward_disagreement():
@@ -195,33 +200,9 @@ def test_persuade_rewards_stance_moves_toward_disagreement():
     steps = play(env, ["[answer] You are wrong.", "[answer] Think of reading at home.", "[answer] Reading again!",
                        "[answer] Habits matter, and a limit beats a ban."])
     assert [r for _, r, _, _ in steps] == pytest.approx([0, 2 / 6, 0, 4 / 6])
-    assert steps[-1][0].endswith("(My stance: Strongly Disagree.)") and steps[-1][2]
+    assert steps[-1][3]["stance"] == "Strongly Disagree" and steps[-1][2]
     assert total(play(envs.make_env("persuade", PERSUADE, max_turns=3), ["[answer] Please change your mind."] * 5)) == 0
-    assert envs.stance_reward(3, 1) == 0 and envs.stance_reward(1, 3) == pytest.approx(2 / 6)
-
-
-@pytest.mark.parametrize("gym", EIGHT)
-def test_every_task_file_plays_to_a_reward_with_a_good_policy(gym):
-    """The project's data and the scripted rules agree: a policy that knows the task earns reward on every task."""
-    for split in ("train", "test"):
-        for task in envs.load_tasks(gym, split):
-            if gym in ("travel", "tau", "search"):
-                env = envs.make_env(gym, task)
-                steps = play(env, {"travel": travel_turns, "tau": tau_turns, "search": search_turns}[gym](task))
-                assert steps[-1][2] and not steps[-1][3].get("truncated"), (gym, task["id"])
-                assert total(steps) > 0 and env.episode_score() == 1.0, (gym, task["id"])
-                continue
-            if gym == "function":
-                turns = ["[search] test", f"[answer] {task['expected_result']}"]
-            elif gym == "telepathy":
-                turns = [f"[action] Is it {task['attributes']['yes'][0]}?", f"[answer] {task['entity']}"]
-            elif gym == "turtle":
-                turns = [f"[answer] {task['bottom']}"]
-            elif gym == "intention":
-                turns = [f"[action] {d['inquiry']}" for d in task["missing_details"]]
-            else:
-                turns = [f"[answer] {c['point']}" for c in task["counterpoints"]]
-            assert total(play(envs.make_env(gym, task), turns)) > 0, (gym, task["id"])
+    assert persuade.stance_reward(3, 1) == 0 and persuade.stance_reward(1, 3) == pytest.approx(2 / 6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,7 +273,8 @@ def test_role_prompts_carry_the_hidden_facts_only_where_the_original_does():
 
     play(envs.make_env("intention", INTENT, user=Spy()), ["[action] Which language?"])
     assert "Which language?" == seen["intention.user"][-1]["content"]
-    assert "backup" not in json.dumps(seen["intention.user"])  # the answering user never sees the detail list
+    # as in the original, the answering user's prompt holds the whole task, missing details included
+    assert all(d["description"] in seen["intention.user"][0]["content"] for d in INTENT["missing_details"])
     assert "backup" in seen["intention.evaluator"][0]["content"]
     play(envs.make_env("turtle", TURTLE, user=Spy()), ["[action] son?", "[answer] x"])
     assert TURTLE["bottom"] in seen["turtle.host"][0]["content"] and "The son passed" in seen["turtle.judge"][0]["content"]
@@ -336,10 +318,6 @@ def tau_turns(task, act=True, report=True):
     return turns + ([f"[action] {said}"] if report else [])
 
 
-def search_turns(task):
-    return [f"[search] {hop}" for hop in task["hops"]] + [f"[answer] {task['answer']}"]
-
-
 def test_travel_episode_good_and_bad_policy_in_training_and_evaluation_settings():
     def expected(search_reward, preference_reward):  # per aspect a search, then one question per preference
         return [r for a in TRAVEL["aspects"] for r in [search_reward] + [preference_reward] * len(a["preferences"])]
@@ -372,13 +350,12 @@ def test_tau_episode_pays_the_tau_reward_at_every_kind_of_end():
     assert [r for _, r, _, _ in steps] == [0.0] * (len(steps) - 1) + [1.0] and env.episode_score() == 1.0
     claims = envs.make_env("tau", TAU)  # says it is done without doing it: the customer leaves, reward 0
     assert total(play(claims, tau_turns(TAU, act=False))) == 0 and claims.episode_score() == 0
-    # The turn limit and [finish] end an episode too; like the original, they are paid the final tau reward.
+    # The turn limit and [finish] end an episode too; as in the original they pay 0, even with the work done.
     turns = tau_turns(TAU, report=False)
     cut = play(envs.make_env("tau", TAU, max_turns=len(turns) + 2), turns + ["[search] tools"] * 5)
-    assert cut[-1][3]["truncated"] and [r for _, r, _, _ in cut][-3:] == [0.0, 0.0, 1.0]
+    assert cut[-1][3]["truncated"] and total(cut) == 0
     finished = play(envs.make_env("tau", TAU), turns + ["[finish]"])
-    assert finished[-1][2] and finished[-1][1] == 1.0
-    assert total(play(envs.make_env("tau", TAU, max_turns=3), ["[finish]"])) == 0  # nothing done: 0
+    assert finished[-1][2] and total(finished) == 0
     idle = play(envs.make_env("tau", TAU, max_turns=3), ["[search] tools"] * 5)
     assert total(idle) == 0 and idle[-1][3]["truncated"]
     obs, r, done, _ = envs.make_env("tau", TAU).step('[answer] {"name": "drop_all_tables", "arguments": {}}')
@@ -390,8 +367,8 @@ def test_tau_episode_pays_the_tau_reward_at_every_kind_of_end():
 def test_search_episode_limits_and_backends(monkeypatch):
     env = envs.make_env("search", SEARCH)
     assert env.reset().startswith(SEARCH["question"])
-    steps = play(env, search_turns(SEARCH))
-    assert steps[0][0].startswith("1. ") and [r for _, r, _, _ in steps][-1] == 1.0 and env.episode_score() == 1.0
+    steps = expert_episode(env, random.Random(0))  # (text, observation, reward, done, info)
+    assert steps[0][1].startswith("1. ") and steps[-1][2] == 1.0 and env.episode_score() == 1.0
     bad = play(envs.make_env("search", SEARCH, max_turns=4), [f"[answer] {SEARCH['answer']} or Paris"] * 9)
     assert total(bad) == 0 and bad[-1][3]["truncated"]
     few = play(envs.make_env("search", SEARCH, max_searches=2), ["[search] a", "[search] b", "[search] c"])
@@ -510,7 +487,7 @@ def test_original_travel_files(tmp_path):
     (tmp_path / "travelgym_data_33.json").write_text("[1, 2")
     with pytest.raises(ValueError, match="travelgym_data_33.json: not valid JSON"):
         envs.load_tasks("travel", "test", data_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="travelgym_data_22.json"):
+    with pytest.raises(envs.TaskDataError, match="travelgym_data_22.json.*nowhere does not exist"):
         envs.load_tasks("travel", "train", data_dir=tmp_path / "nowhere")
 
 
@@ -570,7 +547,8 @@ def test_fuzz_agent_text_never_raises_or_executes(gym, tmp_path):
     marker = tmp_path / "pwned"
     turns = adversarial_turns(random.Random(gym), marker)
     assert len(turns) > 250
-    env = envs.make_env(gym, task)
+    episodes = 0
+    env = envs.make_env(gym, task, malformed="retry")  # episodes alternate: malformed calls answered / ending them
     env.reset()
     for text in turns:
         obs, reward, done, info = env.step(text)
@@ -578,7 +556,8 @@ def test_fuzz_agent_text_never_raises_or_executes(gym, tmp_path):
         assert 0.0 <= reward <= (len(task["aspects"]) if gym == "travel" else 1.0)  # a travel answer may pick several
         assert isinstance(env.episode_score(), float)
         if done:
-            env = envs.make_env(gym, task)
+            episodes += 1
+            env = envs.make_env(gym, task, malformed=("end", "retry")[episodes % 2])
             env.reset()
     assert not marker.exists()
 
@@ -629,7 +608,288 @@ def test_original_dialogue_data_loaders(tmp_path):
     write("all_statements_refined.json", [{"id": "GXQ", "claim": "c"}])
     with pytest.raises(ValueError, match="record 0 does not have the original persuade layout.*argument"):
         envs.load_tasks("persuade", "train", data_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="functions.json"):
+    with pytest.raises(envs.TaskDataError, match="functions.json or functiongym-functions.json in data_dir; .* holds"):
         envs.load_tasks("function", "train", data_dir=tmp_path)
     shutil.copy(TESTS_DATA / "functiongym-functions.json", tmp_path / "functions.json")  # the original's own name
     assert len(envs.load_tasks("function", "train", data_dir=tmp_path)) == 484
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The original's rules, each on a hand-made case
+
+
+def call(choice, content):
+    """One tool call as a policy writes it."""
+    return "<tool_call>\n" + json.dumps({"name": "interact_with_env",
+                                         "arguments": {"choice": choice, "content": content}}) + "\n</tool_call>"
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "interact_with_env", "arguments": {"choice": "answer", "content": "16"\n</tool_call>',
+    '<tool_call>\n{"name": "calculator", "arguments": {"choice": "answer", "content": "16"}}\n</tool_call>',
+    '<tool_call>\n{"name": "interact_with_env", "arguments": {"choice": 3, "content": "16"}}\n</tool_call>',
+    '<tool_call>\n{"name": "interact_with_env", "arguments": "[answer] 16"}\n</tool_call>'])
+def test_a_malformed_tool_call_ends_the_episode_unless_retry(text):
+    env = envs.make_env("function", FUNC)  # the original's rule is the default
+    env.reset()
+    obs, r, done, info = env.step(text)
+    assert done and r == 0 and info["end_reason"] == "malformed_call" and info["malformed_call"]
+    assert obs.startswith("Error") and "ends" in obs and not info.get("truncated")
+    retry = envs.make_env("function", FUNC, malformed="retry")
+    retry.reset()
+    obs, r, done, info = retry.step(text)
+    assert obs.startswith("Error") and r == 0 and not done and "end_reason" not in info
+    assert retry.step(call("answer", "16"))[1:3] == (1.0, True)
+    with pytest.raises(ValueError, match="malformed"):
+        envs.make_env("function", FUNC, malformed="ignore")
+
+
+def test_mistakes_that_are_not_malformed_calls_never_end_the_episode():
+    env = envs.make_env("function", FUNC)
+    env.reset()
+    # no tool call at all (the rollout ends that episode, not the env), an unknown choice, empty content, a
+    # content the gym refuses: each an error observation, reward 0, and the episode goes on
+    for text in ["I think it is 16.", call("guess", "16"), call("answer", ""), call("search", "the rule"),
+                 call("action", "1 2")]:
+        obs, r, done, info = env.step(text)
+        assert obs.startswith("Error") and r == 0 and not done and "end_reason" not in info, text
+    assert env.step("I think it is 16.")[3]["missing_tool_call"]
+    refused = envs.make_env("search", SEARCH)  # the original's SearchGym refuses an [action] too
+    obs, r, done, info = refused.step(call("action", "What do you think?"))
+    assert "not allowed" in obs and not done and "end_reason" not in info
+
+
+def test_several_calls_in_one_turn_all_run_and_the_last_reward_counts():
+    env = envs.make_env("intention", INTENT, show_reward=False)
+    env.reset()
+    obs, r, done, info = env.step(call("action", "Which formats?") + call("action", "Which language?"))
+    assert info["calls"] == 2 and len(env.remaining) == 1  # both questions ran (1.0 and 0.7 earned) ...
+    assert r == pytest.approx(0.7) and env.rewards == [pytest.approx(0.7)]  # ... and the turn keeps the last reward
+    assert obs == "JPEG only.\n\nPython."
+    # A broken call beside usable ones is dropped; a call after the one that ends the episode does not run.
+    func = envs.make_env("function", FUNC, show_reward=False)
+    func.reset()
+    obs, r, done, info = func.step(call("search", "test") + "<tool_call>{broken</tool_call>" + call("answer", "16")
+                                   + call("answer", "0"))
+    assert done and r == 1.0 and info["calls"] == 3 and obs == "The test case is [3, 7, 2, 5].\n\nCorrect!"
+
+
+def test_travel_ends_only_when_every_best_option_is_chosen():
+    best = [a["best_id"] for a in TRAVEL["aspects"]]
+    wrong = TRAVEL["aspects"][0]["wrong_ids"][0]
+    env = envs.make_env("travel", TRAVEL, max_turns=len(best) + 1)
+    env.reset()
+    steps = [env.step(f"[answer] {wrong}")] + [env.step(f"[answer] {i}") for i in best[1:]]
+    assert not any(done for _, _, done, _ in steps)  # every aspect has a choice, but one is not the best
+    obs, r, done, info = env.step("[action] Anything else?")
+    assert done and info["truncated"] and r == 0  # ... so only the turn limit ends it
+    finished = envs.make_env("travel", TRAVEL)
+    finished.reset()
+    finished.step(f"[answer] {wrong}")
+    obs, r, done, info = finished.step("[finish]")
+    assert done and r == 0 and not info.get("truncated")
+    split = envs.make_env("travel", TRAVEL)  # the best options over two answers: done at the second
+    split.reset()
+    assert not split.step(f"[answer] {best[0]}")[2]
+    assert split.step("[answer] " + ", ".join(best[1:]))[2] and split.episode_score() == 1.0
+
+
+def test_tau_pays_only_when_the_tau_episode_is_done():
+    transfer = play(envs.make_env("tau", TAU), tau_turns(TAU, report=False)
+                    + [tool_call("transfer_to_human_agents", summary="handled")])
+    assert transfer[-1][2] and transfer[-1][1] == 1.0  # a transfer is an end: tau-bench's reward is paid
+    early = play(envs.make_env("tau", TAU), [tool_call("transfer_to_human_agents", summary="help")])
+    assert early[-1][2] and total(early) == 0
+    assert total(play(envs.make_env("tau", TAU, max_turns=3), ["[finish]"])) == 0
+
+
+def test_turtle_a_perfect_story_ends_the_puzzle_despite_float_weights():
+    task = {"id": "w", "title": "t", "surface": "s", "bottom": "alpha beta gamma",
+            "criteria": [{"statement": s, "weight": w, "keywords": [[s]]}
+                         for s, w in [("alpha", 0.7), ("beta", 0.2), ("gamma", 0.1)]]}
+    assert 0.7 + 0.2 + 0.1 < 1.0  # 0.9999999999999999: the original's `score >= 1.0` never ends this puzzle
+    obs, r, done, info = envs.make_env("turtle", task, show_reward=False).step("[answer] alpha beta gamma")
+    assert done and r == pytest.approx(1.0) and info["score"] < 1.0
+    assert obs == "Points you have right: alpha beta gamma You solved it!"  # no numeric score, as in the original
+    obs = envs.make_env("turtle", task, show_reward=False).step("[answer] delta")[0]
+    assert obs == "None of the key points is right yet. Something is still missing: keep asking."
+
+
+def test_a_choice_the_gym_does_not_offer_is_played_as_the_original_plays_it():
+    def first(gym, task, text):
+        return envs.make_env(gym, task, show_reward=False).step(text)
+
+    assert first("telepathy", TELE, "[search] Is it a mammal?")[0] == "Yes"  # a question
+    assert first("turtle", TURTLE, "[search] Was it his son?")[0] == "Yes"
+    intent = envs.make_env("intention", INTENT, show_reward=False)
+    intent.reset()
+    assert intent.step("[answer] Which language?")[:2] == ("Python.", pytest.approx(0.7))
+    argue = envs.make_env("persuade", PERSUADE, show_reward=False)
+    argue.reset()
+    assert argue.step("[action] Think of reading at home.")[1] == pytest.approx(2 / 6)  # an argument
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Task data validated when loaded
+
+
+def test_task_files_are_checked_record_by_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(envs, "DATA_DIR", tmp_path)
+    (tmp_path / "function").mkdir()
+    path = tmp_path / "function" / "train.jsonl"
+    cases = [("{broken", "not valid JSON"),
+             (json.dumps({k: v for k, v in FUNC.items() if k != "rule"}), "missing field 'rule'"),
+             (json.dumps({**FUNC, "test_case": "3 7 2 5"}), "field 'test_case' must be a list, not str"),
+             (json.dumps({**FUNC, "expected_result": True}), "field 'expected_result' must be a number, not bool"),
+             (json.dumps({**FUNC, "test_case": [1, 2]}), "field 'test_case' must be four numbers"),
+             (json.dumps({**FUNC, "rule": "a + import"}), r"field 'rule': rule 'a \+ import'"),
+             ("[1, 2]", "a task must be a JSON object")]
+    for line, message in cases:
+        path.write_text(json.dumps(FUNC) + "\n\n" + line + "\n")
+        with pytest.raises(envs.TaskDataError, match=f"{path}, line 3.*{message}"):
+            envs.load_tasks("function", "train")
+    path.write_text(json.dumps(FUNC) + "\n")
+    assert envs.load_tasks("function", "train") == [FUNC]
+    with pytest.raises(envs.TaskDataError, match="test.jsonl: no such task file"):
+        envs.load_tasks("function", "test")
+    (tmp_path / "turtle").mkdir()
+    broken = {**TURTLE, "criteria": [{"statement": "x", "weight": "half"}]}
+    (tmp_path / "turtle" / "test.jsonl").write_text(json.dumps(broken) + "\n")
+    with pytest.raises(envs.TaskDataError, match="line 1 .turtle task 'u'.: field 'criteria': item 0"):
+        envs.load_tasks("turtle", "test")
+    assert issubclass(envs.TaskDataError, ValueError)
+
+
+def test_original_files_are_checked_when_loaded(tmp_path):
+    records = json.loads((TESTS_DATA / "functiongym-functions.json").read_text())
+    records[7]["rule"] = "a + * b"
+    (tmp_path / "functions.json").write_text(json.dumps(records))
+    bad_rule = r"functions.json: record 7 \('func-8'\): field 'rule': rule 'a \+ \* b'"
+    with pytest.raises(envs.TaskDataError, match=bad_rule):
+        envs.load_tasks("function", "test", data_dir=tmp_path)  # at load time, whichever split holds it
+    (tmp_path / "all_stories_refined.json").write_text(json.dumps([{"new_title": "S", "new_surface": "s",
+                                                                    "new_bottom": "b", "evaluation": "none"}]))
+    with pytest.raises(envs.TaskDataError, match="all_stories_refined.json: record 0 does not have the original turtle"):
+        envs.load_tasks("turtle", "train", data_dir=tmp_path)
+    expected = r"all_intentions_train.json in data_dir; .* holds \['all_stories_refined"
+    with pytest.raises(envs.TaskDataError, match=expected):
+        envs.load_tasks("intention", "train", data_dir=tmp_path)  # the wrong layout names what it expected there
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Experts: oracles that play each gym the way a good agent would
+
+
+def expert_episode(env, rng):
+    env.reset()
+    steps = []
+    while not steps or not steps[-1][3]:  # (text, observation, reward, done, info)
+        text = env.expert_action(rng)
+        assert text.startswith("<think>\n") and text.count("<tool_call>") == 1 and len(envs.parse_actions(text)) == 1
+        steps.append((text, *env.step(text)))
+    return steps
+
+
+def full_reward(gym, task):
+    """What the best episode earns: 1 (function, telepathy, persuade, tau, search; travel: its score, every best
+    option chosen), the criteria's weights (turtle), every detail asked about on its own (intention)."""
+    if gym == "turtle":
+        return sum(c["weight"] for c in task["criteria"])
+    if gym == "intention":
+        return sum({3: 1.0, 2: 0.7, 1: 0.4}[d["importance"]] for d in task["missing_details"])
+    return 1.0
+
+
+@pytest.mark.parametrize("gym", EIGHT)
+def test_the_expert_reaches_full_reward_on_every_shipped_task(gym):
+    """The project's data and the scripted rules agree: on every task of both splits, in training and evaluation
+    settings, the expert ends the episode (never by the turn limit) with the gym's full reward."""
+    for split in ("train", "test"):
+        for k, task in enumerate(envs.load_tasks(gym, split)):
+            for eval_mode in (False, True):
+                env = envs.make_env(gym, task, eval_mode=eval_mode)
+                steps = expert_episode(env, random.Random(k))
+                assert not steps[-1][4].get("truncated"), (gym, task["id"], eval_mode)
+                assert env.episode_score() == pytest.approx(full_reward(gym, task), abs=1e-9), (gym, task["id"])
+                assert env.max_score() == pytest.approx(full_reward(gym, task), abs=1e-9)
+                if gym == "travel":
+                    chosen = {a: choice[0] for a, choice in env.session.chosen.items()}
+                    assert chosen == {a["aspect"]: a["best_id"] for a in task["aspects"]}
+
+
+def transcript(gym, task, seed):
+    return tuple(text for text, *_ in expert_episode(envs.make_env(gym, task), random.Random(seed)))
+
+
+@pytest.mark.parametrize("gym", EIGHT)
+def test_the_expert_varies_with_its_seed(gym):
+    tasks = envs.load_tasks(gym, "test")[:3]
+    assert [transcript(gym, t, 0) for t in tasks] != [transcript(gym, t, 1) for t in tasks]
+    assert transcript(gym, tasks[0], 5) == transcript(gym, tasks[0], 5)
+    assert len({transcript(gym, tasks[0], seed) for seed in range(8)}) >= 3  # many demonstrations per task
+
+
+def test_expert_agent_plays_through_the_agent_interface():
+    puzzle = envs.load_tasks("turtle", "test")[0]
+
+    def run(agent):
+        out = []
+        for env in [envs.make_env("turtle", puzzle), envs.make_env("turtle", puzzle), envs.make_env("function", FUNC)]:
+            env.reset()
+            messages, done = [{"role": "user", "content": "go"}], False
+            while not done:
+                reply = agent.complete(messages, [envs.TOOL_SCHEMA], env=env)
+                assert reply["role"] == "assistant"
+                obs, _, done, _ = env.step(reply["content"])
+                messages += [reply, {"role": "tool", "content": obs}]
+            out.append((messages, env.episode_score()))
+        return out
+
+    first = run(envs.ExpertAgent(seed=3))
+    assert [score for _, score in first] == [1.0, 1.0, 1.0]
+    assert run(envs.ExpertAgent(seed=3)) == first  # a seed gives the same episodes
+    assert len({json.dumps(m) for m, _ in run(envs.ExpertAgent(seed=4)) + first}) > 3  # and another seed others
+    with pytest.raises(ValueError, match="env=env"):
+        envs.ExpertAgent(0).complete([], [envs.TOOL_SCHEMA])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Import order: gyms/<name>.py and envs.py import each other; every order works, in a fresh process
+
+
+PLAY_EVERY_GYM = """
+for name in envs.GYMS:
+    task = envs.load_tasks(name, "test")[0]
+    env = envs.make_env(name, task, user=user)
+    env.reset()
+    rng, done = random.Random(0), False
+    while not done:
+        done = env.step(env.expert_action(rng))[2]
+    assert env.episode_score() == env.max_score() > 0, name
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("imports", [
+    "import gyms.travel\nimport envs\nassert envs.GYMS['travel'] is gyms.travel.TravelGym",
+    "import envs\nimport gyms.tau\nassert envs.GYMS['tau'] is gyms.tau.TauGym",
+    "from gyms import search\nimport envs\nassert envs.GYMS['search'] is search.SearchGym",
+])
+def test_any_import_order_works_and_the_scripted_user_needs_none(imports):
+    # the scripted user is made before any gym is imported: it runs the rules the gyms hand it
+    code = "import random\nimport users\nuser = users.make_user('scripted')\n" + imports + PLAY_EVERY_GYM
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+def test_the_readme_example_of_a_new_gym_runs(monkeypatch):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = text[text.index("# gyms/echo.py"):]
+    namespace = {}
+    exec(code[:code.index("```")], namespace)
+    monkeypatch.setitem(envs.GYMS, "echo", namespace["EchoGym"])
+    env = envs.make_env("echo", {"id": "e", "word": "lantern"})
+    steps = play(env, ["[answer] kettle", env.expert_action(random.Random(0))])
+    assert [r for _, r, _, _ in steps] == [0.0, 1.0] and steps[-1][2]
+    with pytest.raises(ValueError, match="missing field 'word'"):
+        envs.make_env("echo", {"id": "e"})

@@ -219,6 +219,14 @@ def test_bf16_inputs_give_bf16_grads_close_to_fp32():
         assert (a.float() - b).norm() / b.norm() < 0.05
 
 
+def test_chunk_budget_by_device():
+    assert grpo.LossConfig().chunk_mb == 0                         # auto
+    assert grpo.chunk_tokens(151_936, 0) == grpo.chunk_tokens(151_936, 0, "cpu") == 165
+    assert grpo.chunk_tokens(151_936, 0, torch.device("cuda", 3)) == 1766
+    assert grpo.chunk_tokens(151_936, 48, "cuda") == 82             # an explicit budget wins on any device
+    assert grpo.chunk_tokens(10 ** 9, 1) == 1
+
+
 def test_bad_input_is_named():
     hidden, weight, targets, old, adv, _ = _batch(n=5)
     w = torch.ones(5)
@@ -233,3 +241,69 @@ def test_bad_input_is_named():
         grpo.LossConfig(agg="sum")
     with pytest.raises(ValueError, match="dual_clip"):
         grpo.LossConfig(dual_clip=0.5)
+    with pytest.raises(ValueError, match=r"chunk_mb must be >= 0 \(0 = by device\)"):
+        grpo.LossConfig(chunk_mb=-1)
+
+
+# ---- fp32-output matmuls (CUDA), exercised on the CPU through stand-in kernels
+
+
+def _mm_dtype_out(a, b, out_dtype, *, out):
+    return out.copy_(a.to(out_dtype) @ b.to(out_dtype))
+
+
+def _addmm_dtype_out(c, a, b, out_dtype, *, beta=1, alpha=1, out):
+    return out.copy_(beta * c.to(out_dtype) + alpha * (a.to(out_dtype) @ b.to(out_dtype)))
+
+
+def _addmm_rounding_c(c, a, b, out_dtype, *, beta=1, alpha=1, out):   # a kernel that rounds the buffer to bf16
+    return out.copy_(beta * c.to(a.dtype).to(out_dtype) + alpha * (a.to(out_dtype) @ b.to(out_dtype)))
+
+
+def _fused_bf16(hidden, weight, targets, old, adv, w, cfg):
+    (loss, _), h, wt = _grads(grpo.grpo_loss, hidden.bfloat16(), weight.bfloat16(), targets, old, adv, w, cfg)
+    loss.backward()
+    return loss, h.grad, wt.grad
+
+
+def test_fp32_output_matmuls_are_used_where_the_backend_has_them():
+    """torch 2.13 has fp32-output kernels for bf16 matmuls on CUDA only. Registering CPU stand-ins for those two
+    kernels (for this test only) shows that grpo takes them when they exist: the logits are no longer rounded
+    to bf16, and the loss and gradients still match the reference."""
+    from torch.library import _scoped_library
+
+    hidden, weight, targets, old, adv, _ = _batch(n=40, h=32, v=300)
+    weight = weight * 8                                   # logits of a few units: bf16 rounding shows in the loss
+    w = torch.full((40,), 1 / 40)
+    cfg = _cfg(16, 300)
+    # the reference: fp32 everywhere on the bf16-rounded inputs, so only the handling of the products differs
+    (ref, _), h32, w32 = _grads(grpo.naive_grpo_loss, hidden.bfloat16().float(), weight.bfloat16().float(),
+                                targets, old, adv, w, cfg)
+    ref.backward()
+    grpo.fp32_out_matmuls.cache_clear()
+    try:
+        assert grpo.fp32_out_matmuls("cpu") == {"mm": False, "addmm": False}
+        slow = _fused_bf16(hidden, weight, targets, old, adv, w, cfg)
+        with _scoped_library("aten", "IMPL") as lib:
+            lib.impl("mm.dtype_out", _mm_dtype_out, "CPU")
+            lib.impl("addmm.dtype_out", _addmm_rounding_c, "CPU")
+            grpo.fp32_out_matmuls.cache_clear()
+            assert grpo.fp32_out_matmuls("cpu") == {"mm": True, "addmm": False}   # the buffer check catches it
+        with _scoped_library("aten", "IMPL") as lib:
+            lib.impl("mm.dtype_out", _mm_dtype_out, "CPU")
+            lib.impl("addmm.dtype_out", _addmm_dtype_out, "CPU")
+            grpo.fp32_out_matmuls.cache_clear()
+            assert grpo.fp32_out_matmuls("cpu") == {"mm": True, "addmm": True}
+            h, wt = hidden[:5].bfloat16(), weight.bfloat16()
+            z = torch.empty(5, 300)
+            grpo._logits(z, h, wt)
+            torch.testing.assert_close(z, h.float() @ wt.float().t(), atol=1e-5, rtol=1e-5)   # not rounded
+            fast = _fused_bf16(hidden, weight, targets, old, adv, w, cfg)
+    finally:
+        grpo.fp32_out_matmuls.cache_clear()
+    # measured: rounding the logits moves the loss by 8e-4 and the gradients by 2% (relative norm); with fp32
+    # logits the loss is off by 3e-8 and the gradients by 0.2% (their own bf16 rounding)
+    assert abs(slow[0].item() - ref.item()) > 10 * abs(fast[0].item() - ref.item())
+    assert abs(fast[0].item() - ref.item()) < 1e-5
+    for got, want in ((fast[1], h32.grad), (fast[2], w32.grad)):
+        assert got.dtype == torch.bfloat16 and (got.float() - want).norm() / want.norm() < 0.005

@@ -39,18 +39,14 @@ def test_keyword_matching_is_whole_word_and_longest_match_wins():
     assert users.keyword_answer("Is it red?", yes, no) == "Maybe"
 
 
-def test_scripted_roles_and_errors():
-    user = users.make_user("scripted")
-    assert {"telepathy.answerer", "telepathy.judge", "turtle.host", "turtle.judge", "intention.user",
-            "intention.evaluator", "persuade.persuadee", "travel.search_judge", "travel.question_judge",
-            "travel.user", "tau.customer", "search.judge"} <= set(users.ROLES)
-    with pytest.raises(KeyError, match="weather.oracle"):
+def test_scripted_user_runs_the_rule_it_is_handed_and_errors():
+    user = users.make_user("scripted")  # no gym imported for it: it holds no table of roles
+    assert user.act("weather.oracle", [{"role": "user", "content": "rain?"}], rule=lambda city: f"Rain in {city}.",
+                    city="Oslo") == "Rain in Oslo."
+    with pytest.raises(ValueError, match="no rule for role 'weather.oracle'"):
         user.act("weather.oracle", [])
     with pytest.raises(users.UserError, match="act"):
         user.reply([{"role": "user", "content": "hi"}])
-    assert users.criterion_score("a ship sank", [["ship", "boat"], ["sank"], ["storm"]]) == 0.5
-    assert users.criterion_score("a ship", [["ship"], ["sank"], ["storm"]]) == 0.0
-    assert users.criterion_score("anything", []) == 0.0  # no keywords: the rule cannot judge, so no credit
     with pytest.raises(ValueError, match="unknown user backend"):
         users.make_user("telepathic")
     with pytest.raises(TypeError, match="scripted"):

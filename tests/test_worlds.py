@@ -10,25 +10,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import retail
-import search
-import travel
+import users
+from gyms import search, tau, travel
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 
 
-class Rules:
-    """A stand-in for the scripted user: dispatches a role to the rule a world module registers for it."""
+class Rules(users.ScriptedUser):
+    """The scripted user, checking that every role gets a prompt an LLM could answer and recording the roles."""
 
-    def __init__(self, roles):
-        self.roles = roles
+    def __init__(self):
         self.calls = []
 
-    def act(self, role, messages, **facts):
+    def act(self, role, messages, rule=None, **facts):
         assert isinstance(messages, list) and messages and all("content" in m for m in messages)
         self.calls.append(role)
-        return self.roles[role](**facts)
+        return super().act(role, messages, rule=rule, **facts)
 
 
 def read(path):
@@ -48,7 +46,7 @@ def travel_tasks():
 def test_travel_files_are_the_generators_output(travel_tasks):
     for split in travel.SPLITS:
         shipped = (travel.DATA_DIR / f"{split}.jsonl").read_text(encoding="utf-8")
-        assert travel.dumps(travel.generate(split)) == shipped, f"data/travel/{split}.jsonl: run python travel.py"
+        assert travel.dumps(travel.generate(split)) == shipped, f"data/travel/{split}.jsonl: run python -m gyms.travel"
     ids = [t["id"] for split in travel_tasks.values() for t in split]
     assert len(ids) == len(set(ids)) and len(travel_tasks["train"]) >= 200 and len(travel_tasks["test"]) >= 80
 
@@ -102,7 +100,7 @@ def well_formed_query(aspect, args):
 
 
 def play_travel(task, good=True):
-    user = Rules(travel.ROLES)
+    user = Rules()
     s = travel.TravelSession(task, user)
     rewards = []
     for a in task["aspects"]:
@@ -124,13 +122,13 @@ def test_travel_good_and_bad_policies(travel_tasks):
     for task in travel_tasks["test"][:20]:
         s, rewards, done = play_travel(task, good=True)
         assert done and s.score() == 1.0 and rewards[-1] == len(task["aspects"])
-        s, rewards, done = play_travel(task, good=False)
-        assert done and s.score() == 0.0 and sum(rewards) == 0.0
+        s, rewards, done = play_travel(task, good=False)  # a wrong choice closes its aspect: the episode runs on
+        assert not done and s.score() == 0.0 and sum(rewards) == 0.0
 
 
 def test_travel_search_rules():
     task = travel.make_scenario(__import__("random").Random(3), "t")
-    s = travel.TravelSession(task, Rules(travel.ROLES), search_reward=0.2)
+    s = travel.TravelSession(task, Rules(), search_reward=0.2)
     a = task["aspects"][0]
     good = well_formed_query(a["aspect"], a["arguments"])
     other = task["aspects"][1]
@@ -153,7 +151,7 @@ def test_travel_search_rules():
 
 def test_travel_questions_and_volunteering():
     task = travel.make_scenario(__import__("random").Random(5), "t")
-    s = travel.TravelSession(task, Rules(travel.ROLES))
+    s = travel.TravelSession(task, Rules())
     first = s.remaining[0]
     assert s.talk("What are your preferences?") == (travel.TOO_VAGUE, 0.0, False)
     assert s.talk("Lovely weather today!")[1] == 0.0
@@ -166,7 +164,7 @@ def test_travel_questions_and_volunteering():
 
 def test_travel_answer_errors_and_one_choice_per_aspect():
     task = travel.make_scenario(__import__("random").Random(11), "t")
-    s = travel.TravelSession(task, Rules(travel.ROLES))
+    s = travel.TravelSession(task, Rules())
     for bad in ["hotel please", "X12", "F12; DROP TABLE", "", "F1," * 20]:
         obs, r, done = s.answer(bad)
         assert obs.startswith("Error") and r == 0.0 and not done
@@ -208,17 +206,17 @@ def test_travel_llm_replies_are_parsed_leniently():
 
 @pytest.fixture(scope="module")
 def tau_tasks():
-    return {split: read(retail.DATA_DIR / f"{split}.jsonl") for split in retail.SPLITS}
+    return {split: read(tau.DATA_DIR / f"{split}.jsonl") for split in tau.SPLITS}
 
 
 def test_tau_files_are_the_generators_output(tau_tasks):
-    for split in retail.SPLITS:
-        shipped = (retail.DATA_DIR / f"{split}.jsonl").read_text(encoding="utf-8")
-        assert retail.dumps(retail.generate(split)) == shipped, f"data/tau/{split}.jsonl: run python retail.py"
+    for split in tau.SPLITS:
+        shipped = (tau.DATA_DIR / f"{split}.jsonl").read_text(encoding="utf-8")
+        assert tau.dumps(tau.generate(split)) == shipped, f"data/tau/{split}.jsonl: run python -m gyms.tau"
     assert len(tau_tasks["train"]) >= 100 and len(tau_tasks["test"]) >= 30
-    users = [{t["user_id"] for t in tau_tasks[s]} for s in retail.SPLITS]
-    assert not users[0] & users[1]  # the splits are about different customers
-    assert retail.make_db(0) == retail.make_db(0) != retail.make_db(1)
+    customers = [{t["user_id"] for t in tau_tasks[s]} for s in tau.SPLITS]
+    assert not customers[0] & customers[1]  # the splits are about different customers
+    assert tau.make_db(0) == tau.make_db(0) != tau.make_db(1)
 
 
 def tool(name, **arguments):
@@ -227,7 +225,7 @@ def tool(name, **arguments):
 
 def play_tau(task, actions):
     """An agent that identifies the customer, performs `actions`, and reports back."""
-    s = retail.RetailSession(task, Rules(retail.ROLES))
+    s = tau.RetailSession(task, Rules())
     assert s.opening().startswith("Hi")
     c = task["customer"]
     obs, _, _ = s.talk("Could you give me your email, or your name and zip code, to verify your identity?")
@@ -262,22 +260,22 @@ def test_tau_reward_correct_vs_wrong_actions(tau_tasks):
         assert play_tau(t, more)[0] == 0.0  # a write nobody asked for
     for t in [t for t in writes if t["actions"][0]["name"] == "cancel_pending_order"][:5]:
         wrong = json.loads(json.dumps(t["actions"]))
-        wrong[0]["arguments"]["reason"] = [r for r in retail.REASONS if r != wrong[0]["arguments"]["reason"]][0]
+        wrong[0]["arguments"]["reason"] = [r for r in tau.REASONS if r != wrong[0]["arguments"]["reason"]][0]
         assert play_tau(t, wrong)[0] == 0.0  # the right tool with the wrong argument
     for t in [t for t in writes if t["actions"][0]["name"] == "modify_pending_order_address"][:5]:
         wrong = json.loads(json.dumps(t["actions"]))
         wrong[0]["arguments"]["zip"] = "00000"
         assert play_tau(t, wrong)[0] == 0.0
-    assert retail._base(0)[0] == retail.make_db(0)  # episodes copy records before writing: the original is intact
+    assert tau._base(0)[0] == tau.make_db(0)  # episodes copy records before writing: the original is intact
     info = next(t for t in tasks if t["outputs"])
-    s = retail.RetailSession(info, Rules(retail.ROLES))
+    s = tau.RetailSession(info, Rules())
     s.opening()
     assert s.talk("You paid 0.01 in total.")[1:] == (0.0, False)  # a wrong value does not end the conversation
     assert s.reward() == 0.0
 
 
 def test_tau_tool_errors_never_raise(tau_tasks):
-    world = retail.RetailWorld(retail.fresh_db())
+    world = tau.RetailWorld(tau.fresh_db())
     users, orders = world.db["users"], world.db["orders"]
     uid = next(u for u, d in users.items() if {"pending", "delivered"} <= {orders[o]["status"] for o in d["orders"]})
     pending = next(o for o in users[uid]["orders"] if orders[o]["status"] == "pending")
@@ -326,25 +324,25 @@ def test_tau_tool_errors_never_raise(tau_tasks):
         out = world.call(name, args)
         assert out.startswith("Error") and needle in out, (name, out)
     assert json.dumps(world.db, sort_keys=True) == before  # failed calls change nothing
-    s = retail.RetailSession(tau_tasks["train"][0], Rules(retail.ROLES))
+    s = tau.RetailSession(tau_tasks["train"][0], Rules())
     for junk in ["", "{", "null", "[1]", '{"name": 3}', "cancel_pending_order", 'get_order_details {"order_id": 5}',
                  '{"name": "get_user_details", "arguments": "{broken"}', "x" * 10000, "__import__('os')",
                  '{"name": "get_user_details", "arguments": {"user_id": {"$ne": null}}}', "[" * 100000]:
         obs, r, done = s.call(junk)
         assert obs.startswith("Error") and r == 0.0 and not done
     call = ("get_order_details", {"order_id": "#R1"})
-    assert retail.parse_tool_call('get_order_details: {"order_id": "#R1"}') == call
-    assert retail.parse_tool_call('{"name": "get_order_details", "arguments": "{\\"order_id\\": \\"#R1\\"}"}') == call
+    assert tau.parse_tool_call('get_order_details: {"order_id": "#R1"}') == call
+    assert tau.parse_tool_call('{"name": "get_order_details", "arguments": "{\\"order_id\\": \\"#R1\\"}"}') == call
 
 
 def test_tau_task_for_another_database_is_refused(tau_tasks):
     task = dict(tau_tasks["test"][0], db_sha="0" * 16)
     with pytest.raises(ValueError, match="different database"):
-        retail.RetailSession(task, Rules(retail.ROLES))
+        tau.RetailSession(task, Rules())
 
 
 def test_tau_customer_prompt_alternates():
-    msgs = retail.customer_messages("You are X.", ["agent 1", "agent 2"], ["hi", "reply 1"])
+    msgs = tau.customer_messages("You are X.", ["agent 1", "agent 2"], ["hi", "reply 1"])
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert msgs[-1]["content"] == "agent 2" and msgs[2]["content"] == "hi"
 
@@ -406,7 +404,7 @@ def test_bm25_ranking():
 
 def test_search_session_limits_and_answers(search_data):
     q = search_data["test"][0][0]
-    s = search.SearchSession(q, Rules(search.ROLES))
+    s = search.SearchSession(q, Rules())
     for _ in range(5):
         obs, r, done = s.search(q["hops"][0])
         assert obs.startswith("1. ") and r == 0.0 and not done
@@ -414,7 +412,7 @@ def test_search_session_limits_and_answers(search_data):
     assert s.answer("I have no idea") == ("That answer is not correct.", 0.0, False)
     assert s.answer(f"Maybe {q['answer']} or somewhere else")[1] == 0.0  # hedging is not an answer
     assert s.answer(f"  the {q['answer'].upper()}!! ") == ("Correct.", 1.0, True)  # normalised exact match
-    assert search.SearchSession(q, Rules(search.ROLES)).answer(f"I believe it is {q['answer']}.")[1] == 1.0
+    assert search.SearchSession(q, Rules()).answer(f"I believe it is {q['answer']}.")[1] == 1.0
     assert search.judge_rule("q", "1917", ["1917"]) == "Yes" and search.judge_rule("q", "19170", ["1917"]) == "No"
 
     class Fixed:

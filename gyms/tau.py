@@ -1,5 +1,6 @@
-"""TauGym's world: a small online store of our own, the tools a support agent calls on it, and tasks scored by
-the final database (UserRL, arXiv 2509.19736, section 3, TauGym; the design follows tau-bench's retail domain).
+"""TauGym: customer service over a small online store of our own, with the tools a support agent calls on it and
+tasks scored by the final database (UserRL, arXiv 2509.19736, section 3, TauGym; the design follows tau-bench's
+retail domain).
 
 The database (users with addresses and payment methods, products with variants, orders with payment
 histories) is generated from a seed at load time, so nothing large is stored: each task carries the seed and
@@ -9,11 +10,15 @@ the write actions a correct agent performs, and the values the agent must tell t
 tau-bench's: 1 when the final database equals the one those actions produce from the initial database and
 every required value appears in the agent's messages, else 0.
 
-    python retail.py        # regenerate data/tau/{train,test}.jsonl (byte-identical: fixed seeds)
+    python -m gyms.tau      # regenerate data/tau/{train,test}.jsonl (byte-identical: fixed seeds)
 
 Policies, as the system prompt states them: identify the customer (by email, or by name and zip code) before
 looking at or changing their account, which the tools enforce; act only on that customer's orders; confirm a
 change with the customer before making it, which the tools cannot see and the reward checks through its result.
+
+As in the original, the reward is paid only when the tau episode is done: the customer ends the conversation or
+the agent transfers them to a human. [finish] pays the last tau reward, which is 0 unless the episode was done
+(and then it had already ended), and the turn limit pays 0. The customer's role is "tau.customer".
 """
 import copy
 import hashlib
@@ -25,9 +30,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from envs import FOOTER, Env, TaskDataError, expert_turn
 from users import mentions
 
-DATA_DIR = Path(__file__).resolve().parent / "data" / "tau"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tau"
 DB_SEED = 0
 N_USERS = 260
 SPLITS = {"train": (1, 150, range(0, 200)), "test": (2, 50, range(200, N_USERS))}  # seed, tasks, users
@@ -625,7 +631,6 @@ def _restate(r: dict) -> str:
     return f"how much did I pay in total for order {oid}?"
 
 
-ROLES = {"tau.customer": customer_rule}
 GREETING = "Hi! How can I help you today?"
 
 
@@ -654,16 +659,18 @@ class RetailSession:
         if db_fingerprint(task["db_seed"]) != task["db_sha"]:
             raise ValueError(f"tau task {task['id']} was written for a different database (fingerprint "
                              f"{task['db_sha']}, this code makes {db_fingerprint(task['db_seed'])}); "
-                             "regenerate the tasks with python retail.py")
+                             "regenerate the tasks with python -m gyms.tau")
         self.task, self.user, self.world = task, user, RetailWorld(fresh_db(task["db_seed"]))
         self.agent_messages, self.replies, self.tools_shown = [], [], False
+        self.calls = []  # (tool name, arguments) of every call that succeeded
 
     def opening(self) -> str:
         return self._customer()
 
     def _customer(self) -> str:
         msgs = customer_messages(self.task["instruction"], self.agent_messages, self.replies)
-        text = self.user.act("tau.customer", msgs, customer=self.task["customer"], history=list(self.agent_messages))
+        text = self.user.act("tau.customer", msgs, rule=customer_rule, customer=self.task["customer"],
+                             history=list(self.agent_messages))
         self.replies.append(text)
         return text
 
@@ -688,12 +695,168 @@ class RetailSession:
         except ValueError as e:
             return f"Error: {e}", 0.0, False
         out = self.world.call(name, args)
-        if name == "transfer_to_human_agents" and not out.startswith("Error"):
-            return out, self.reward(), True
+        if not out.startswith("Error"):
+            self.calls.append((name, args))
+            if name == "transfer_to_human_agents":
+                return out, self.reward(), True
         return out, 0.0, False
 
     def reward(self) -> float:
         return reward(self.world.db, self.task, self.agent_messages)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The gym
+
+PROMPT = """You are a customer-support agent of an online store, chatting with a customer. Help them with their request using the store's tools, and follow the store's policy.
+
+Call interact_with_env with one of these choices:
+- search: the content "tools" lists the tools and their arguments (once is enough).
+- action: send the customer a message.
+- answer: call one tool on the store's database, written as JSON: {{"name": "<tool>", "arguments": {{...}}}}. You see what it returns; a wrong call returns an error message.
+The store's policy:
+- Before you look at or change an account or its orders, identify the customer by their email, or by their first name, last name and zip code, and find their user id with a tool.
+- Act only on that customer's own account and orders.
+- Before any change (cancelling, a new address, a return or an exchange), tell the customer exactly what you are about to do and wait for their yes.
+- When the customer asks for information, such as an amount, tell it to them in a message.
+- Transfer the customer to a human agent only when the tools cannot handle the request.
+The conversation ends when the customer is satisfied or is transferred. You succeed when the store's records end up exactly as the customer wanted and they were told what they asked for.""" + FOOTER
+
+YES = "Yes, please go ahead."
+
+
+def tool_json(name: str, **arguments) -> str:
+    return json.dumps({"name": name, "arguments": arguments})
+
+
+class TauGym(Env):
+    name = "tau"
+    choices = ("search", "action", "answer")
+    fields = {"id": str, "db_seed": int, "db_sha": str, "instruction": str, "customer": dict, "actions": list,
+              "outputs": list}
+    system_prompt = PROMPT
+
+    def __init__(self, task, user=None, **kwargs):
+        super().__init__(task, user, **kwargs)
+        self.session = RetailSession(task, self.user)
+
+    @classmethod
+    def check_task(cls, task):
+        super().check_task(task)
+        if db_fingerprint(task["db_seed"]) != task["db_sha"]:
+            raise ValueError(f"field 'db_sha': written for a different database (fingerprint {task['db_sha']}, "
+                             f"this code makes {db_fingerprint(task['db_seed'])}); regenerate the tasks with "
+                             "python -m gyms.tau")
+        keys = ("identify_by", "email", "first_name", "last_name", "zip", "requests")
+        missing = [k for k in keys if k not in task["customer"]]
+        if missing:
+            raise ValueError(f"field 'customer': missing {', '.join(missing)}")
+
+    def opening(self):
+        self.session = RetailSession(self.task, self.user)
+        return self.session.opening()  # the customer speaks first
+
+    def act(self, choice, content):
+        s = self.session
+        return {"search": s.tools, "action": s.talk, "answer": s.call}[choice](content)
+
+    @classmethod
+    def load_original(cls, data_dir, split):
+        raise TaskDataError(
+            "tau: the original TauGym tasks (tau-bench records {id, obs, info.task{user_id, actions, instruction, "
+            "outputs}}) refer to tau-bench's own retail and airline databases and tool implementations, which this "
+            "project does not have; they cannot be loaded from data_dir. Use this project's tasks (data/tau), or "
+            "tau-bench itself.")
+
+    def expert_action(self, rng):
+        """Identify the customer, look up what a careful agent would, confirm each change with the customer before
+        the tool call that makes it (the task's own expected calls), then report what was done and every value
+        asked for. Full reward: 1."""
+        if self.plan is None:
+            self.plan = {"turns": self._expert_script(rng), "next": 0}
+        if self.plan["next"] < len(self.plan["turns"]):
+            self.plan["next"] += 1
+            return self.plan["turns"][self.plan["next"] - 1]
+        return expert_turn("The request is handled; check whether they need anything else.", "action",
+                           "Is there anything else I can help you with today?")
+
+    def _expert_script(self, rng) -> list:
+        """The whole episode's turns, decided at its start: the customer's facts and the expected calls are known
+        to the oracle. Messages to the customer are checked against the scripted customer (`said`), so a
+        confirmation never reads as a report and the report ends the conversation."""
+        t, c = self.task, self.task["customer"]
+        turns, said = [], []
+
+        def message(think, text):
+            said.append(text)
+            turns.append(expert_turn(think, "action", text))
+
+        def call(think, name, **arguments):
+            turns.append(expert_turn(think, "answer", tool_json(name, **arguments)))
+
+        if rng.random() < 0.5:
+            turns.append(expert_turn("First, the tools this store gives me.", "search",
+                                     rng.choice(["tools", "available tools"])))
+        message(rng.choice(["Policy first: I must identify the customer before touching the account.",
+                            "I need to verify who I am talking to."]),
+                rng.choice(["Could you give me your email, or your name and zip code, so I can verify your identity?",
+                            "Happy to help. To look up your account, may I have your email address (or your full "
+                            "name and zip code)?",
+                            "Sure. First I need to identify you: what is your email, or your name and zip code?"]))
+        if c["identify_by"] == "email":
+            call("They gave their email; find their user id.", "find_user_id_by_email", email=c["email"])
+        else:
+            call("They gave their name and zip code; find their user id.", "find_user_id_by_name_zip",
+                 first_name=c["first_name"], last_name=c["last_name"], zip=c["zip"])
+        if t.get("user_id") and rng.random() < 0.5:
+            call("Look at their profile and orders.", "get_user_details", user_id=t["user_id"])
+        actions, totals, report = list(t["actions"]), iter(t["outputs"]), []
+        for r in c["requests"]:
+            oid = r.get("order_id")
+            if oid and (r["kind"] == "total" or rng.random() < 0.5):
+                call(f"Check order {oid} before anything else.", "get_order_details", order_id=oid)
+            if r["kind"] == "total":
+                report.append(f"you paid {next(totals)} in total for order {oid}")
+                continue
+            a = actions.pop(0)
+            for text in confirmations(r, rng):
+                if customer_rule(c, said + [text]) == YES:
+                    break
+            message("This changes their records: say exactly what I will do and wait for their yes.", text)
+            call("They agreed; make the change.", a["name"], **a["arguments"])
+            report.append(DONE_TEXT[r["kind"]].format(oid=oid))
+        lead = rng.choice(["All set: ", "Done. ", "Thanks for waiting. "])
+        text = "; ".join(report)
+        message("Everything is done; tell them what changed and what they asked to know.",
+                lead + text[0].upper() + text[1:] + ".")
+        return turns
+
+
+DONE_TEXT = {"cancel": "order {oid} has been cancelled",
+             "order_address": "the shipping address of order {oid} has been updated",
+             "user_address": "the default address on your account has been updated",
+             "return": "the return for order {oid} has been requested",
+             "exchange": "the exchange for order {oid} has been requested"}
+
+
+def confirmations(r: dict, rng) -> list:
+    """Ways to put one change of request `r` to the customer before making it, in random order."""
+    oid, kind, items = r.get("order_id"), r["kind"], "; ".join(r.get("items", []))
+    if kind == "cancel":
+        what = f"cancel order {oid} with the reason '{r['reason']}'"
+    elif kind == "order_address":
+        what = f"ship order {oid} to {_flat(r['address'])}"
+    elif kind == "user_address":
+        what = f"set the default address on your account to {_flat(r['address'])}"
+    elif kind == "return":
+        what = f"request the return of {items} from order {oid}, refunded to {r['refund']}"
+    else:
+        what = (f"exchange the {items} from order {oid} for the one with {r['want']}, settling any difference "
+                f"with {r['payment'].replace('my ', 'your ', 1)}")
+    forms = [f"To confirm: I will {what}. Shall I proceed?", f"I can {what}. Would you like me to go ahead?",
+             f"Here is the change: {what}. Please confirm, yes or no."]
+    rng.shuffle(forms)
+    return forms
 
 
 if __name__ == "__main__":

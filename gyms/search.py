@@ -1,17 +1,18 @@
-"""SearchGym's world: multi-hop questions, a local corpus with BM25 search, and a web search client (UserRL,
-arXiv 2509.19736, section 3, SearchGym; the original asks Bamboogle questions and searches Google via Serper).
+"""SearchGym: multi-hop questions answered with a search backend: a local corpus with BM25 search, or a web search
+client (UserRL, arXiv 2509.19736, section 3, SearchGym; the original asks Bamboogle questions and searches Google via
+Serper).
 
 The local corpus is a small encyclopedia of an invented world (countries, towns, rivers, people, companies,
 works), generated from a seed with one short article per entity. Questions chain two or three of its facts
 ("In which country was the founder of Drelmor Optics born?"), so their answers are exact and no pretrained
 model can know them. Each split has its own world, so training on one teaches nothing about the other's facts.
 
-    python search.py        # regenerate data/search/{train,test}.jsonl and corpus-{train,test}.jsonl
+    python -m gyms.search   # regenerate data/search/{train,test}.jsonl and corpus-{train,test}.jsonl
 
 Backends share one method, `search(query) -> [{"title", "snippet"}]`: `LocalSearch` (BM25 over a corpus file,
 numpy only) and `SerperSearch` (a Serper-compatible JSON web search over HTTP; the key comes from an
 environment variable and never appears in logs or errors). `SearchSession` holds one episode's mechanics
-(at most 5 searches, exact match then a judge); its LLM role is "search.judge", with its rule in ROLES.
+(at most 5 searches, exact match then a judge); its LLM role is "search.judge", with its prompt and rule here.
 """
 import json
 import os
@@ -26,8 +27,9 @@ import numpy as np
 import requests
 
 import users
+from envs import FOOTER, Env, TaskDataError, expert_turn, pick
 
-DATA_DIR = Path(__file__).resolve().parent / "data" / "search"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "search"
 SPLITS = {"train": (1, 200), "test": (2, 80)}  # split -> (seed, number of questions)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,9 +368,6 @@ def judge_rule(question: str, answer: str, gold: list) -> str:
     return "No"
 
 
-ROLES = {"search.judge": judge_rule}
-
-
 def judge_messages(question: str, answer: str, gold: list) -> list:
     return [{"role": "system", "content": "You grade answers to quiz questions against the reference answer."},
             {"role": "user", "content":
@@ -403,11 +402,100 @@ class SearchSession:
     def answer(self, text: str):
         gold = [self.task["answer"], *self.task["aliases"]]
         if not exact_match(text, gold):
-            reply = self.user.act("search.judge", judge_messages(self.task["question"], text, gold),
+            reply = self.user.act("search.judge", judge_messages(self.task["question"], text, gold), rule=judge_rule,
                                   question=self.task["question"], answer=text, gold=gold)
             if users.extract_yes_no(reply) != "Yes":
                 return "That answer is not correct.", 0.0, False
         return "Correct.", 1.0, True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The gym
+
+PROMPT = """Answer the user's question. It chains several facts (for example: who founded a company, then where that person was born), so find them one at a time.
+
+Call interact_with_env with one of these choices:
+- search: a search query; you get the top results, each a title and a text. You have at most {max_searches} searches, so make every query specific.
+- answer: your answer, short: just the name, place, number or date asked for. A right answer ends the task; a wrong one costs a turn.
+Work out the chain of facts first, search for one link at a time, and answer from what the results say.""" + FOOTER
+
+
+class SearchGym(Env):
+    name = "search"
+    choices = ("search", "answer")  # the original refuses an [action] here too ("Invalid action format")
+    fields = {"id": str, "question": str, "answer": str, "aliases": list}
+    optional_fields = {"corpus": str, "hops": list}
+    system_prompt = PROMPT
+    original_files = ("questions.json",)
+
+    def __init__(self, task, user=None, backend="local", backend_options: dict | None = None,
+                 max_searches: int = 5, **kwargs):
+        """`backend`: "local" (BM25 over the task's own corpus), "serper" (a web search API; `backend_options`
+        go to SerperSearch, e.g. url, api_key_env), or any object with `search(query)`."""
+        super().__init__(task, user, **kwargs)
+        if isinstance(backend, str):
+            options = dict(backend_options or {})
+            if backend == "local":
+                if not task.get("corpus"):
+                    raise ValueError(f"search task {task.get('id', '?')!r} has no local corpus (original Bamboogle "
+                                     "questions are answered from the web): use backend='serper'")
+                options["corpus"] = task["corpus"]
+            backend = make_backend(backend, **options)
+        self.backend, self.max_searches = backend, max_searches
+        self.session = self._session()
+
+    def _session(self):
+        return SearchSession(self.task, self.user, backend=self.backend, max_searches=self.max_searches)
+
+    def system(self):
+        return self.system_prompt.format(max_turns=self.max_turns, max_searches=self.max_searches)
+
+    def opening(self):
+        self.session = self._session()
+        return f"{self.task['question']}\nPlease look it up step by step and tell me the answer."
+
+    def act(self, choice, content):
+        return self.session.search(content) if choice == "search" else self.session.answer(content)
+
+    def expert_action(self, rng):
+        """Search each link of the question's chain (its `hops`; the question itself for a web question), then give
+        the answer, short. Full reward: 1."""
+        hops = self.task.get("hops") or [self.task["question"]]
+        searched = self.session.searches
+        if searched < min(len(hops), self.max_searches) and self.turns_left() > 1:
+            hop = hops[searched]
+            query = rng.choice([hop, f"{hop} facts", f"who or what is {hop}"]) if hop != self.task["question"] else hop
+            think = ("Start from the entity the question names." if searched == 0 else
+                     rng.choice([f"That result points to {hop}; look it up next.", f"Next link in the chain: {hop}."]))
+            return expert_turn(think, "search", query)
+        answer = self.task["answer"]
+        forms = [answer, f"The answer is {answer}.", f"{answer}."]
+        gold = [answer, *self.task["aliases"]]
+        reply = pick(rng, forms, lambda a: exact_match(a, gold) or judge_rule(self.task["question"], a, gold) == "Yes",
+                     default=answer)
+        think = rng.choice(["The results complete the chain; answer with just the name or number.",
+                            f"Following the links gives {answer}.", "I have every link now."])
+        return expert_turn(think, "answer", reply)
+
+    @classmethod
+    def load_original(cls, data_dir, split):
+        """The original's SearchGym is evaluation only: the Bamboogle records of `questions.json`
+        (`{id: "Bamboogle-N", question, answer}`) are all test tasks. They are answered from the web, so they play
+        with backend="serper" only."""
+        if split != "test":
+            raise TaskDataError("search: the original SearchGym data (Bamboogle) is for evaluation only; it has no "
+                                "train split")
+        path = cls.original_path(data_dir)
+        tasks = [t for t in cls.read_original(path) if t["id"].lower().startswith("bamboogle")]
+        if not tasks:
+            raise TaskDataError(f"{path}: no Bamboogle records (ids such as 'Bamboogle-1')")
+        return tasks
+
+    @staticmethod
+    def from_original(record):
+        if not isinstance(record["question"], str):
+            raise ValueError("question must be a string")
+        return {"id": str(record["id"]), "question": record["question"], "answer": str(record["answer"]), "aliases": []}
 
 
 if __name__ == "__main__":

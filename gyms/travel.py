@@ -9,12 +9,14 @@ cheaper than the best, so no preference can be skipped; "noise" ones miss one or
 for the cheapest option that fits; the agent must search each aspect with the right arguments, draw the
 preferences out by asking, and answer one option id per aspect.
 
-    python travel.py        # regenerate data/travel/{train,test}.jsonl (byte-identical: fixed seeds)
+    python -m gyms.travel   # regenerate data/travel/{train,test}.jsonl (byte-identical: fixed seeds)
 
 `TravelSession` holds the mechanics of one episode (search judging, the every-5th-search failure, repeat
-searches, preference reveals, one choice per aspect, scoring); the gym in envs.py wraps it. Its three LLM
-roles ("travel.search_judge", "travel.question_judge", "travel.user") get their prompts here, and the
-scripted backend's rules for them are in ROLES.
+searches, preference reveals, one choice per aspect, scoring); `TravelGym` maps the agent's choices onto it. Its
+three LLM roles ("travel.search_judge", "travel.question_judge", "travel.user") get their prompts and scripted
+rules here. As in the original's training and evaluation (its async step), an episode ends when the best option
+of every aspect has been chosen, on [finish], or at the turn limit: a wrong choice closes its aspect, so the
+episode then runs on to the limit.
 """
 import datetime
 import json
@@ -26,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import users
+from envs import FOOTER, Env, TaskDataError, expert_turn, pick, seeded_split
 
-DATA_DIR = Path(__file__).resolve().parent / "data" / "travel"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "travel"
 SPLITS = {"train": (1, 300), "test": (2, 100)}  # split -> (seed, number of tasks)
 BEST_REWARD, CORRECT_REWARD = 1.0, 0.8  # the original's: the cheapest fitting option, any fitting option
 
@@ -519,9 +522,6 @@ def user_rule(mode: str, question: str, hint: str = "") -> str:
     return CHAT_REPLIES[len(question) % len(CHAT_REPLIES)]
 
 
-ROLES = {"travel.search_judge": search_judge_rule, "travel.question_judge": question_judge_rule,
-         "travel.user": user_rule}
-
 # ----------------------------------------------------------------------------------------------------------
 # Prompts for LLM backends of the same roles
 
@@ -591,7 +591,7 @@ class TravelSession:
         if self.searches % self.failure_interval == 0:  # on purpose, as in the original: agents must retry
             return SEARCH_FAILED, 0.0, False
         reply = self.user.act("travel.search_judge", search_judge_messages(query, self.arguments),
-                              query=query, arguments=self.arguments)
+                              rule=search_judge_rule, query=query, arguments=self.arguments)
         aspect = (users.extract_json(reply) or {}).get("aspect")
         if not isinstance(aspect, str) or aspect not in self.aspects:
             return ("No results. Search for one thing at a time and state all of its details, e.g. a flight's "
@@ -606,7 +606,7 @@ class TravelSession:
 
     def talk(self, message: str):
         reply = self.user.act("travel.question_judge", question_judge_messages(message, self.remaining),
-                              question=message, preferences=self.remaining)
+                              rule=question_judge_rule, question=message, preferences=self.remaining)
         verdict = users.extract_json(reply) or {}
         kind = str(verdict.get("type", "")).strip()  # models write 2 or "2"
         pref = next((p for p in self.remaining if p["id"] == verdict.get("preference")), None)
@@ -629,8 +629,8 @@ class TravelSession:
         return obs, 0.0, False
 
     def _say(self, mode: str, question: str, hint: str = "") -> str:
-        return self.user.act("travel.user", user_messages(mode, question, hint), mode=mode, question=question,
-                             hint=hint)
+        return self.user.act("travel.user", user_messages(mode, question, hint), rule=user_rule, mode=mode,
+                             question=question, hint=hint)
 
     def answer(self, content: str):
         tokens = [t.upper() for t in re.split(r"[,\s]+", content.strip()) if t]
@@ -654,13 +654,226 @@ class TravelSession:
                 # A chosen aspect's preferences are no longer up for discussion (the original removes them too).
                 self.remaining = [p for p in self.remaining if not p["id"].startswith(aspect["aspect"] + ".")]
                 reward += r
-                lines.append(f"Recorded {oid} as your choice for the {aspect['aspect']}.")
-        done = len(self.chosen) == len(self.aspects)
-        return " ".join(lines), max(reward, 0.0), done
+                # as the original's feedback, say how good the choice was (it cannot be changed any more)
+                verdict = ("the best option" if r == BEST_REWARD else "it fits but is not the cheapest that does"
+                           if r else "it misses a preference")
+                lines.append(f"Recorded {oid} as your choice for the {aspect['aspect']}: {verdict}.")
+        return " ".join(lines), max(reward, 0.0), self.all_best()
+
+    def all_best(self) -> bool:
+        """Has the best option of every aspect been chosen? (The original's async step ends only then.)"""
+        return all(self.chosen.get(name, (None,))[0] == a["best_id"] for name, a in self.aspects.items())
 
     def score(self) -> float:
         """The evaluation metric: the reward of the option chosen per aspect (0 if none), averaged over aspects."""
         return sum(self.chosen.get(a, (None, 0.0))[1] for a in self.aspects) / len(self.aspects)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The gym
+
+PROMPT = """You are a travel assistant booking a trip for a user. Their first message says what they need (for example a flight and a hotel) but not what matters to them: each part of the trip comes with preferences they have not told you. For every part, find the cheapest option that meets all of their preferences.
+
+Call interact_with_env with one of these choices:
+- search: query the booking database for ONE part of the trip and state all of its details, e.g. "flight from Boston to Denver on April 10" or "hotel in Denver from April 10 to April 14". You get every option for that part, one JSON object per line. Searching the same part again gives nothing new; when the database reports a problem, simply search again.
+- action: say something to the user. Ask one concrete question at a time about a specific feature (departure time, stops, breakfast, parking...); vague questions such as "any preferences?" get you nowhere. The user tends to hint at a preference rather than state it, so read the replies carefully.
+- answer: recommend option ids, e.g. "F12" or "F12, H3". Only your first choice for each part of the trip counts, and it closes that part.
+Search first, then ask about the features that set the options apart, then choose.""" + FOOTER
+
+# (search reward, preference reward) by eval_mode: the paper trains with 0.0 / 0.8 and evaluates with 0.2 / 0.6.
+REWARDS = {False: (0.0, 0.8), True: (0.2, 0.6)}
+# The original ships one file per structure (digits = preferences per aspect) and names the car "rental_car".
+STRUCTURES = ("22", "33", "44", "233", "333", "334", "444", "2222")
+ORIGINAL_ASPECTS = {"flight": "flight", "hotel": "hotel", "apartment": "apartment", "rental_car": "car",
+                    "restaurant": "restaurant"}
+BUDGET_NOTE = "Money is tight, so for each of these I'd like the cheapest option that still suits me."
+NOUNS = {"flight": "flight", "hotel": "hotel", "apartment": "apartment", "car": "rental car",
+         "restaurant": "restaurant"}
+QUERIES = {  # the expert's search phrasings; each states every argument of its aspect
+    "flight": ["flight from {origin} to {destination} on {date}", "{origin} to {destination} flights on {date}",
+               "Search flights from {origin} to {destination}, departing {date}"],
+    "hotel": ["hotel in {city} from {check_in} to {check_out}",
+              "hotels in {city}, check-in {check_in}, check-out {check_out}"],
+    "apartment": ["apartment in {city} from {check_in} to {check_out}",
+                  "apartments in {city} for {check_in} until {check_out}"],
+    "car": ["rental car in {city} from {pickup_date} to {return_date}",
+            "car rental in {city}, pick up {pickup_date}, return {return_date}"],
+    "restaurant": ["restaurant in {city} on {date}", "restaurants in {city} for dinner on {date}"],
+}
+QUESTIONS = ["For the {noun}, how do you feel about {kw}?", "Is {kw} important to you for the {noun}?",
+             "What about {kw} for the {noun}: does it matter to you?",
+             "Regarding the {noun}, what do you think about {kw}?"]
+
+
+def date_forms(value: str) -> list:
+    """Ways of writing an ISO date that the search judge reads: 2025-04-10, April 10, Apr 10th, 10 April."""
+    if not re.fullmatch(r"\d{4}-\d\d-\d\d", value):
+        return [value]
+    d = datetime.date.fromisoformat(value)
+    suffix = "th" if 10 <= d.day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(d.day % 10, "th")
+    return [value, pretty_date(value), f"{d.strftime('%b')} {d.day}{suffix}", f"{d.day} {d.strftime('%B')}"]
+
+
+class TravelGym(Env):
+    name = "travel"
+    choices = ("search", "action", "answer")
+    fields = {"id": str, "request": str, "aspects": list}
+    system_prompt = PROMPT
+    original_files = tuple(f"travelgym_data_{s}.json" for s in STRUCTURES)
+
+    def __init__(self, task, user=None, search_reward: float | None = None, preference_reward: float | None = None,
+                 **kwargs):
+        super().__init__(task, user, **kwargs)
+        train_or_eval = REWARDS[bool(self.eval_mode)]
+        self.search_reward = train_or_eval[0] if search_reward is None else search_reward
+        self.preference_reward = train_or_eval[1] if preference_reward is None else preference_reward
+        self.session = self._session()  # here too, so that episode_score() is defined before reset()
+
+    @classmethod
+    def check_task(cls, task):
+        super().check_task(task)
+        for i, a in enumerate(task["aspects"]):
+            keys = ("aspect", "arguments", "preferences", "options", "correct_ids", "best_id")
+            if not isinstance(a, dict) or any(k not in a for k in keys):
+                raise ValueError(f"field 'aspects': item {i} must be an object with {', '.join(keys)}")
+            if a["aspect"] not in ASPECTS or a["best_id"] not in [o.get("id") for o in a["options"]]:
+                raise ValueError(f"field 'aspects': item {i} has an unknown aspect or a best_id that is not an option")
+
+    def _session(self):
+        return TravelSession(self.task, self.user, search_reward=self.search_reward,
+                             preference_reward=self.preference_reward)
+
+    def opening(self):
+        self.session = self._session()
+        return self.task["request"]
+
+    def act(self, choice, content):
+        s = self.session
+        return {"search": s.search, "action": s.talk, "answer": s.answer}[choice](content)
+
+    def episode_score(self):
+        # The paper reports, per aspect, the reward of the option chosen (best 1, correct 0.8), averaged over
+        # aspects: searches and elicited preferences earn turn rewards but are not part of the score.
+        return self.session.score()
+
+    def expert_action(self, rng):
+        """Search every aspect with all its details (again after the deliberate failure), ask about each of its
+        preferences with one concrete question, and choose its best option: aspect by aspect or searching
+        everything first, answering each aspect at once or all at the end, as the turns allow. Full reward: a
+        score of 1, every best option chosen."""
+        s = self.session
+        if self.plan is None:
+            order = [a["aspect"] for a in self.task["aspects"]]
+            if rng.random() < 0.3:
+                rng.shuffle(order)
+            self.plan = {"order": order, "search_first": rng.random() < 0.4, "answer_each": rng.random() < 0.5}
+        open_ = [a for a in self.plan["order"] if a not in s.chosen]
+        if not open_:  # every aspect has a choice, not all of them the best: nothing left to gain
+            return expert_turn("Every part of the trip has a choice; nothing is left to do.", "finish", "")
+        unsearched = [a for a in open_ if a not in s.searched]
+        asks = {a: [p for p in s.remaining if p["id"].startswith(a + ".")] for a in open_}
+        work = len(unsearched) + sum(map(len, asks.values()))
+        ready = [a for a in open_ if a in s.searched and not asks[a]]
+        # answering aspect by aspect costs a turn per aspect; fall back to one answer when turns run short
+        each = self.plan["answer_each"] and work + len(open_) <= self.turns_left()
+        if self.turns_left() <= 1 or not work or (each and ready):
+            return self._expert_answer(rng, open_ if self.turns_left() <= 1 or not work else ready[:1])
+        if self.plan["search_first"] and unsearched:
+            return self._expert_search(rng, unsearched[0])
+        aspect = next(a for a in open_ if a in unsearched or asks[a])
+        if aspect in unsearched:
+            return self._expert_search(rng, aspect)
+        return self._expert_ask(rng, aspect, rng.choice(asks[aspect]))
+
+    def _expert_search(self, rng, aspect):
+        args = self.session.arguments[aspect]
+        dated = {k: rng.choice(date_forms(v)) for k, v in args.items()}
+        forms = [q.format(**dated) for q in QUERIES[aspect] if set(re.findall(r"{(\w+)}", q)) == set(args)]
+        plain = f"{NOUNS[aspect]} " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dated.items())  # any arguments
+        query = pick(rng, forms, lambda q: json.loads(search_judge_rule(q, self.session.arguments))["aspect"] == aspect,
+                     default=plain)
+        again = self.session.searches % self.session.failure_interval == 0 and self.session.searches > 0
+        think = ("The database had a problem; the same search again." if again and aspect not in self.session.searched
+                 else rng.choice([f"I need the {NOUNS[aspect]} options: search with every detail from the request.",
+                                  f"Next, the {NOUNS[aspect]}. One search, all of its details.",
+                                  f"Let me look up the {NOUNS[aspect]} options first."]))
+        return expert_turn(think, "search", query)
+
+    def _expert_ask(self, rng, aspect, pref):
+        noun = NOUNS[aspect]
+        forms = [q.format(noun=noun, kw=kw) for q in QUESTIONS for kw in pref["keywords"][:2]]  # the plainest words
+
+        def reveals(q):  # the question judge takes it as a question about this very preference
+            return json.loads(question_judge_rule(q, self.session.remaining)).get("preference") == pref["id"]
+
+        question = pick(rng, forms, reveals, default=forms[0] if forms else f"What matters to you about the {noun}?")
+        think = rng.choice([f"The {noun} options differ in many ways; find out which ones matter to them.",
+                            f"Before choosing the {noun}, find out what matters to them. One concrete question.",
+                            f"Ask about one feature of the {noun} at a time."])
+        return expert_turn(think, "action", question)
+
+    def _expert_answer(self, rng, aspects):
+        ids = [self.session.aspects[a]["best_id"] for a in aspects]
+        which = " and ".join(f"{i} for the {NOUNS[a]}" for i, a in zip(ids, aspects))
+        think = rng.choice([f"Cheapest options that meet every preference I heard: {which}.",
+                            f"Checking the options against what they told me: {which}.",
+                            f"{which[0].upper() + which[1:]}: each fits all their preferences at the lowest price."])
+        return expert_turn(think, "answer", rng.choice([", ", " "]).join(ids))
+
+    @classmethod
+    def load_original(cls, data_dir, split):
+        """Every `travelgym_data_<structure>.json` in `data_dir`, each split 85 / 15 as the original's
+        preprocessing does (a seeded shuffle per file: the same proportions, not the same rows)."""
+        paths = [data_dir / f for f in cls.original_files if (data_dir / f).is_file()]
+        if not paths:
+            cls.original_path(data_dir)  # raises, naming the files it expected
+        out = []
+        for path in paths:
+            tasks = cls.read_original(path)
+            out += seeded_split(tasks, split, round(len(tasks) * 0.15))
+        return out
+
+    @classmethod
+    def read_original(cls, path):
+        """An original file is one JSON object of scenarios keyed by id (e.g. "flight:2-37|hotel:2-9")."""
+        try:
+            scenarios = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise TaskDataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(scenarios, dict):
+            raise TaskDataError(f"{path}: expected a JSON object of travel scenarios keyed by id")
+        return [cls.convert({**record, "id": key} if isinstance(record, dict) else record, f"{path}: scenario {key!r}")
+                for key, record in scenarios.items()]
+
+    @staticmethod
+    def from_original(record):
+        """`{initial_description, dimensions, <dimension>: {preferences: [[aspect, subcategory, text, implicit
+        statement, ...]], arguments, options: {correct, wrong, noise}, correct_ids, best_id}}` as a travel task.
+        The preferences carry no keywords: with the scripted user they are only ever volunteered, so play these
+        tasks with an LLM user."""
+        aspects = []
+        for dim in record["dimensions"]:
+            d, name = record[dim], ORIGINAL_ASPECTS[dim]
+            # the original drops its annotations and shuffles the options at load time; a seed fixes our order
+            options = [{k: v for k, v in o.items() if k not in ("type", "reason")}
+                       for kind in ("correct", "wrong", "noise") for o in d["options"].get(kind, [])]
+            random.Random(f"{record['id']}/{dim}").shuffle(options)
+            ids = [o["id"] for o in options]
+            if not all(isinstance(i, str) for i in ids) or d["best_id"] not in ids or not set(d["correct_ids"]) <= set(ids):
+                raise ValueError(f"{dim}: best_id and correct_ids must be ids of its options")
+            prefs = [{"id": f"{name}.p{i}", "text": p[2], "hint": p[3], "keywords": []}
+                     for i, p in enumerate(d["preferences"], 1)]
+            if not all(isinstance(p[k], str) and p[k] for p in prefs for k in ("text", "hint")):
+                raise ValueError(f"{dim}: every preference needs its text and implicit statement")
+            # the scripted search judge matches argument values as text
+            arguments = {k: v if isinstance(v, str) else json.dumps(v) for k, v in d["arguments"].items()}
+            aspects.append({"aspect": name, "arguments": arguments, "preferences": prefs, "options": options,
+                            "correct_ids": list(d["correct_ids"]), "best_id": d["best_id"]})
+        if not aspects:
+            raise ValueError("no dimensions")
+        return {"id": record["id"], "structure": "".join(str(len(a["preferences"])) for a in aspects),
+                "request": f"{record['initial_description'].strip()} {BUDGET_NOTE}", "aspects": aspects,
+                "best_ids": [a["best_id"] for a in aspects]}
 
 
 if __name__ == "__main__":
