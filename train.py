@@ -578,7 +578,7 @@ def evaluate(t: Trainer) -> dict:
 
 
 # Why a user call failed, from users.UserError's message (metrics count failed/<reason>).
-FAILURE_REASONS = (("timeout", r"no reply within"), ("connection", r"connection failed"), ("rate_limit", r"HTTP 429"),
+FAILURE_REASONS = (("env_timeout", r"env_timeout:"), ("timeout", r"no reply within"), ("connection", r"connection failed"), ("rate_limit", r"HTTP 429"),
                    ("server_error", r"HTTP 5\d\d"), ("client_error", r"HTTP 4\d\d"), ("malformed", r"malformed"))
 
 
