@@ -16,7 +16,11 @@
    is the scripted expert (envs.ExpertAgent) through rollout's agent loop. Counted: faults injected per kind,
    episodes completed, failed (by reason), lost (episodes asked for that did not come back, must be 0),
    failed without a reason (must be 0).
-3. The same where a stalled call hangs past every timeout (the user's own timeout longer than the stall): the
+3. Interruptions. SIGINT and SIGTERM, each at each phase of a step (rollout, update, checkpoint write), sent by
+   the trainer to itself at that point (checkpoints.signal_point) in a short run of the tiny model; the run must
+   stop with one line and no partial checkpoint, `--resume` must finish it, and its metrics and final weights
+   must equal those of an uninterrupted run bit for bit (CPU). Counted: tried, stopped cleanly, resumed, matched.
+4. Rollouts where a stalled call hangs past every timeout (the user's own timeout longer than the stall): the
    rollout gives up on it after `env_timeout` and fails that episode (env_timeout) while the others go on.
 The last line printed is one JSON object with the headline figures.
 """
@@ -171,7 +175,6 @@ def fault_rollouts(tasks_per_gym: int, group: int, seed: int = 0, max_turns: int
     A stall longer than `user_timeout` is the user's own timeout (retried); with `user_timeout` and `stall_s`
     past `env_timeout`, a stalled call is one that hangs past every timeout, and the rollout gives up on it."""
     from openai_server import OpenAIServer
-    from train import failure_reason
 
     server = OpenAIServer(faults=faults, seed=seed, retry_after=0.05, stall_s=stall_s)
     try:
@@ -190,7 +193,7 @@ def fault_rollouts(tasks_per_gym: int, group: int, seed: int = 0, max_turns: int
             gym["failed" if ep.failed else "completed"] += 1
             reasons[ep.info.get("end_reason")] = reasons.get(ep.info.get("end_reason"), 0) + 1
             if ep.failed:
-                why = failure_reason(ep.info.get("error", ""))
+                why = users.failure_reason(ep.info.get("error", ""))
                 failed[why] = failed.get(why, 0) + 1
         unknown = sum(n for r, n in reasons.items() if r not in END_REASONS)
         # A failed episode must say why: an end reason of a failure and the error that caused it.
@@ -205,7 +208,77 @@ def fault_rollouts(tasks_per_gym: int, group: int, seed: int = 0, max_turns: int
         server.close()
 
 
-HANG_ENV_TIMEOUT = 2.0  # part 3: seconds the rollout waits for one env/user call before it gives up on it
+# ----------------------------------------------------------------------------------------------------------
+# 3. Interruptions
+
+SIGNALS = ("SIGINT", "SIGTERM")
+PHASES = ("rollout", "update", "checkpoint")
+
+
+def interruptions(out_dir: Path, steps: int = 3, at: int = 2) -> dict:
+    """Each signal at each phase of step `at` of a `steps`-step run, resumed, compared with the run uninterrupted.
+    The run is the tiny model on the comma gym of tests/test_train.py (a reward the random model earns often
+    enough for every update to change the weights), checkpointing every 2 steps: a signal before step 2's update
+    abandons it and saves the state after step 1; from its update on, step 2 finishes and is checkpointed."""
+    import contextlib
+
+    import torch
+
+    import checkpoints
+    import train
+    from test_train import CommaEnv, read_metrics, untimed
+
+    pool = {"comma": [{"id": f"d{i}"} for i in range(4)]}
+    argv = ["--steps", str(steps), "--save_every", "2", "--rollout_tasks", "1", "--batch_size", "2",
+            "--group_size", "4", "--mini_batch_size", "1", "--lr", "1e-3", "--seed", "3", "--eval_gyms", "",
+            "--rollout.max_new_tokens", "12", "--rollout.max_turns", "3", "--rollout.progress", "false",
+            "--rollout.end_on_no_tool_call", "false"]
+
+    def final(run: Path) -> tuple:
+        weights = [p.detach() for p in train.load_model(str(run / "final"))[0].parameters()]
+        return [untimed(m) for m in read_metrics(run)], weights
+
+    saved_gym = envs.GYMS.get("comma")
+    envs.GYMS["comma"] = CommaEnv
+    cases = []
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # the runs' own lines; stdout ends with the JSON
+            ref_metrics, ref_weights = final(train.train(train.parse_config(
+                [*argv, "--out_dir", str(out_dir / "uninterrupted")]), task_pool=pool))
+            for sig in SIGNALS:
+                for phase in PHASES:
+                    run = out_dir / f"{phase}-{sig}"
+                    os.environ[checkpoints.SIGNAL_AT] = f"{phase}@{at}:{sig}"
+                    try:
+                        train.train(train.parse_config([*argv, "--out_dir", str(run)]), task_pool=pool)
+                        line = None
+                    except train.Interrupted as e:
+                        line = str(e)
+                    finally:
+                        del os.environ[checkpoints.SIGNAL_AT]
+                    latest = checkpoints.latest_checkpoint(run)
+                    case = {"signal": sig, "phase": phase, "line": line, "latest": latest and latest.name,
+                            "partial": sorted(p.name for p in run.glob(".tmp-*"))}
+                    train.train(train.parse_config(["--resume", str(run)]), task_pool=pool)
+                    metrics, weights = final(run)
+                    case["resumed"] = [m["step"] for m in metrics] == list(range(1, steps + 1))
+                    case["matched"] = metrics == ref_metrics and all(torch.equal(a, b)
+                                                                     for a, b in zip(weights, ref_weights))
+                    cases.append(case)
+    finally:
+        if saved_gym is None:
+            envs.GYMS.pop("comma", None)
+        else:
+            envs.GYMS["comma"] = saved_gym
+    stopped = [c for c in cases if c["line"] and "\n" not in c["line"] and not c["partial"]]
+    return {"tried": len(cases), "stopped": len(stopped), "resumed": sum(c["resumed"] for c in cases),
+            "matched": sum(c["matched"] for c in cases), "cases": cases}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Calls that hang past every timeout (fault_rollouts with a user timeout longer than the stall)
+
+HANG_ENV_TIMEOUT = 2.0  # seconds the rollout waits for one env/user call before it gives up on it
 
 
 def report(r: dict):
@@ -233,8 +306,14 @@ def main(argv=None) -> dict:
     print(f"2. rollouts of every gym against a failing endpoint ({tasks} tasks x {group} per gym)...", file=sys.stderr)
     r = fault_rollouts(tasks, group, args.seed)
     report(r)
-    print(f"3. the same where a stalled call hangs past every timeout (the user's 30 s, env_timeout {HANG_ENV_TIMEOUT:g} s)"
-          "...", file=sys.stderr)
+    print(f"3. {len(SIGNALS)} signals x {len(PHASES)} phases of a step, each resumed...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        i = interruptions(Path(tmp))
+    for c in i["cases"]:
+        print(f"   {c['signal']} at {c['phase']}: {'resumed' if c['resumed'] else 'NOT resumed'}, "
+              f"{'matched' if c['matched'] else 'NOT matched'}: {c['line']}", file=sys.stderr)
+    print(f"4. rollouts where a stalled call hangs past every timeout (the user's 30 s, env_timeout "
+          f"{HANG_ENV_TIMEOUT:g} s)...", file=sys.stderr)
     h = fault_rollouts(tasks, group, args.seed, faults={"stall": 0.05}, user_timeout=30.0, stall_s=30.0,
                        env_timeout=HANG_ENV_TIMEOUT)
     report(h)
@@ -243,7 +322,9 @@ def main(argv=None) -> dict:
            "longest_observation_chars": f["longest_observation_chars"], "fault_episodes": r["episodes"],
            "completed": r["completed"], "failed": r["failed"], "failed_by_reason": r["failed_by_reason"],
            "lost": r["lost"] + h["lost"], "unexplained": r["unexplained"] + h["unexplained"],
-           "faults_injected": r["faults_injected"], "hang_episodes": h["episodes"], "hang_completed": h["completed"],
+           "faults_injected": r["faults_injected"],
+           "interruptions": {k: i[k] for k in ("tried", "stopped", "resumed", "matched")},
+           "hang_episodes": h["episodes"], "hang_completed": h["completed"],
            "hang_failed_by_reason": h["failed_by_reason"]}
     print(json.dumps(out))
     return out

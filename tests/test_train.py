@@ -150,8 +150,9 @@ def test_failed_episodes_are_counted_and_left_out_of_the_update(tmp_path, monkey
     pool = {"comma": [{"id": "up"}, {"id": "down", "down": True}]}
     # 24 tokens a turn: some of step 2's 12 good episodes write a comma, so they have a spread to train on
     m = read_metrics(train.train(small_cfg(tmp_path, "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2",
-                                           "--save_every", "0", "--rollout.max_new_tokens", "24"), task_pool=pool))
-    assert [x["failed_episodes"] for x in m] == [16, 4]  # seed 0 draws only broken tasks first: the run goes on
+                                           "--save_every", "0", "--rollout.max_new_tokens", "24",
+                                           "--max_failed_frac", "1"), task_pool=pool))
+    assert [x["failed_episodes"] for x in m] == [16, 4]  # seed 0 draws only broken tasks first: 1 lets it go on
     assert all(x["end/user_failure"] == x["failed_episodes"] for x in m)
     assert m[1]["end/done"] == 12 and m[1]["turns_mean"] == 1 and m[1]["grad_norm"] > 0
 
@@ -247,6 +248,22 @@ def test_the_sampling_temperature_reaches_the_old_logprobs_and_the_loss(tmp_path
                           "--batch_size", "4", "--group_size", "8", "--mini_batch_size", "4"),
                 task_pool={"comma": [{"id": f"d{i}"} for i in range(4)]})
     assert {kind for kind, _ in seen} == {"old", "loss"} and {temp for _, temp in seen} == {0.6}
+
+
+def test_hidden_states_are_the_final_norms_output_and_carry_gradients():
+    """train.hidden_states catches the decoder's final norm with a hook (so the forward does not keep every
+    layer's output): it must equal the model's own last hidden state, padded rows included, and backprop."""
+    from models import load_model
+    model, _ = load_model("tiny", seed=0)
+    ids = torch.randint(0, 200, (2, 24))
+    attn = torch.ones_like(ids)
+    attn[1, 15:] = 0
+    h = train.hidden_states(model, ids, attn, bf16=False)
+    ref = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    assert torch.equal(h, ref)
+    h.sum().backward()
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert not model.get_decoder().norm._forward_hooks  # the hook is removed again
 
 
 def test_peak_memory_per_phase_on_cuda(monkeypatch):
