@@ -1,0 +1,315 @@
+"""The SFT cold start: supervised fine-tuning on good episodes before GRPO (UserRL, arXiv 2509.19736, section 4;
+the paper's finding 1: the cold start is what lets RL improve a raw model).
+
+    python eval.py --agent expert --split train --passes 4 --out runs/expert     # demonstrations (or an API model)
+    python train.py --algo sft --sft_data runs/expert/episodes.jsonl --out_dir runs/sft
+    python train.py --algo grpo --model runs/sft/ckpt-000100 ...                # GRPO from the SFT checkpoint
+
+Data: eval.py's episodes.jsonl (any agent: the expert, an API model, a past run; failed episodes are dropped,
+`--sft_min_score x` keeps episodes scoring at least x), or the original UserRL SFT layout (LLaMA-Factory's
+ShareGPT: `conversations` with from = human / gpt / function_call / observation, plus `system` and `tools`).
+
+Tokens: the layout rollout.py builds, from the same functions, so SFT and RL train on identical token sequences:
+the prompt is `rollout.render_ids(system + first user message, tools=[envs.TOOL_SCHEMA])` with the assistant
+header, each assistant turn is its text encoded plus the end-of-turn token (loss 1), and each observation is
+`rollout.observation_ids` (the template's tool-message wrapping up to the next assistant header; loss 0). As in
+the rollout, the ids end at the last assistant turn. The loss is the mean negative log-likelihood of the
+assistant tokens (the fused chunked log-prob of grpo.token_logprobs on those positions only), with AdamW,
+linear warm-up then cosine decay, and batches drawn from length buckets (similar lengths together, so little
+padding).
+
+Simplifications, each one line:
+- The `tools` column of ShareGPT data is not read: every prompt renders the one tool, envs.TOOL_SCHEMA, as the
+  rollout does.
+- Every message after an assistant turn up to the next one is the env's reply; the last of them is its
+  observation (an HTTP agent's skipped parallel calls get a placeholder, as in rollout.py).
+- Examples longer than `max_tokens` are dropped (and counted), not truncated: a cut episode teaches half a task.
+"""
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import rollout as rollout_lib
+from grpo import chunk_tokens, token_logprobs
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool"}
+
+
+class SFTDataError(ValueError):
+    """SFT data that cannot be used; the message names the file, the line and the field."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the data
+
+
+def from_sharegpt(record: dict, where: str) -> list[dict]:
+    """One ShareGPT record (LLaMA-Factory's layout, as the original's sft/merged_gym_sft.json) as chat messages."""
+    convo = record.get("conversations")
+    if not isinstance(convo, list) or not convo:
+        raise SFTDataError(f"{where}: field 'conversations' must be a non-empty list")
+    messages = [{"role": "system", "content": record["system"]}] if isinstance(record.get("system"), str) else []
+    for k, turn in enumerate(convo):
+        if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+            raise SFTDataError(f"{where}: conversations[{k}] must be an object with 'from' (one of "
+                               f"{', '.join(SHAREGPT_ROLES)}) and a text 'value'")
+        text = turn["value"]
+        if turn["from"] == "function_call":
+            text = function_call_text(text, f"{where}: conversations[{k}]")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": text})
+    return messages
+
+
+def function_call_text(value: str, where: str) -> str:
+    """A ShareGPT `function_call` value (JSON: one call {"name", "arguments"} or a list of them) as the text a
+    policy writes for it: each call as `<tool_call>\\n{json}\\n</tool_call>` (the Qwen layout the env parses)."""
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError:
+        raise SFTDataError(f"{where}: a function_call value must be JSON, got {value[:60]!r}") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not all(isinstance(c, dict) and "name" in c and "arguments" in c for c in calls):
+        raise SFTDataError(f"{where}: a function_call value must be {{\"name\": ..., \"arguments\": ...}} or a list "
+                           "of them")
+    return "\n".join("<tool_call>\n" + json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False)
+                     + "\n</tool_call>" for c in calls)
+
+
+def read_sft_data(path: str, min_score: float | None = None) -> list[dict]:
+    """Conversations from episodes.jsonl (eval.py's lines) or ShareGPT records (a JSON array or JSON lines), each
+    {"messages", "gym", "score", "where"}. Failed episodes are dropped; with `min_score`, so are episodes scoring
+    below it (a record without a score, such as ShareGPT's, is then an error: it cannot be filtered)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SFTDataError(f"{path}: cannot read the SFT data ({e.strerror})") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError:
+        records = None
+    if isinstance(records, list):  # a JSON array (LLaMA-Factory's files); anything else is read as JSON lines
+        where = [f"{path}: record {i}" for i in range(len(records))]
+    else:
+        records, where = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SFTDataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+                where.append(f"{path}, line {n}")
+    out = []
+    for rec, w in zip(records, where):
+        if not isinstance(rec, dict):
+            raise SFTDataError(f"{w}: expected a JSON object")
+        if rec.get("failed"):
+            continue
+        if "messages" in rec:
+            messages = rec["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                         for m in messages):
+                raise SFTDataError(f"{w}: field 'messages' must be a list of {{role, content}} objects")
+        elif "conversations" in rec:
+            messages = from_sharegpt(rec, w)
+        else:
+            raise SFTDataError(f"{w}: neither an episode (field 'messages') nor a ShareGPT record (field "
+                               "'conversations')")
+        score = rec.get("score")
+        if min_score is not None:
+            if not isinstance(score, (int, float)):
+                raise SFTDataError(f"{w}: --sft_min_score needs a score on every record and this one has none")
+            if score < min_score:
+                continue
+        out.append({"messages": messages, "gym": rec.get("gym"), "score": score, "where": w})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The token layout (rollout.py's)
+
+
+def turns_of(messages: list, where: str = "conversation") -> tuple[list, list]:
+    """(prompt messages [system, user], [(assistant text, observation or None), ...])."""
+    if len(messages) < 3 or messages[0].get("role") != "system" or messages[1].get("role") != "user":
+        raise SFTDataError(f"{where}: a conversation must start with a system and a user message and hold at least "
+                           "one assistant turn")
+    turns = []
+    for m in messages[2:]:
+        if m["role"] == "assistant":
+            turns.append([rollout_lib.tool_call_text(m), None])
+        elif not turns:
+            raise SFTDataError(f"{where}: a second {m['role']!r} message before the first assistant turn")
+        else:
+            turns[-1][1] = m.get("content") or ""  # the last reply before the next assistant turn
+    if not turns:
+        raise SFTDataError(f"{where}: no assistant turn")
+    return messages[:2], [tuple(t) for t in turns]
+
+
+def episode_tokens(tokenizer, messages: list, wrapper=None, where: str = "conversation") -> tuple[list, list]:
+    """(ids, loss_mask) of one conversation in the rollout's layout: prompt (0), each assistant turn's text + eos
+    (1), each observation between turns (0); nothing after the last assistant turn."""
+    wrapper = wrapper or rollout_lib.observation_wrapper(tokenizer)
+    prompt, turns = turns_of(messages, where)
+    ids = list(rollout_lib.render_ids(tokenizer, prompt, add_generation_prompt=True))
+    mask = [0] * len(ids)
+    for k, (said, obs) in enumerate(turns):
+        piece = tokenizer.encode(said, add_special_tokens=False) + [tokenizer.eos_token_id]
+        ids += piece
+        mask += [1] * len(piece)
+        if k < len(turns) - 1:
+            piece = rollout_lib.observation_ids(tokenizer, wrapper, obs or "")
+            ids += piece
+            mask += [0] * len(piece)
+    return ids, mask
+
+
+def build_examples(tokenizer, conversations: list, max_tokens: int) -> tuple[list, int]:
+    """([(ids, loss_mask)], number dropped for being longer than max_tokens)."""
+    wrapper = rollout_lib.observation_wrapper(tokenizer)
+    out, dropped = [], 0
+    for c in conversations:
+        ids, mask = episode_tokens(tokenizer, c["messages"], wrapper, c.get("where", "conversation"))
+        if len(ids) > max_tokens:
+            dropped += 1
+        else:
+            out.append((ids, mask))
+    return out, dropped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches, schedule, loss (pure pieces)
+
+
+def length_batches(lengths: list[int], batch_size: int, rng: random.Random, window: int = 50) -> list[list[int]]:
+    """One epoch's batches of example indices: shuffle, sort each window of `window` batches by length, cut into
+    batches, shuffle the batches. Similar lengths share a batch (little padding) and the order still varies."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * window
+    batches = []
+    for a in range(0, len(order), span):
+        chunk = sorted(order[a:a + span], key=lambda i: lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: float) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total`: linear warm-up over the first `warmup`
+    fraction of the steps, then cosine decay to 0 (LLaMA-Factory's cosine schedule, warm-up ratio 0.1)."""
+    n_warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+    if step < n_warm:
+        return base_lr * (step + 1) / n_warm
+    progress = (step - n_warm) / max(1, total - n_warm)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pad_batch(examples: list, pad_id: int, device):
+    """ids [B, T] right-padded, attention mask [B, T], and the loss mask of next-token targets [B, T-1]."""
+    T = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)
+    lmask = torch.zeros((len(examples), T), dtype=torch.bool)
+    for i, (x, m) in enumerate(examples):
+        ids[i, :len(x)] = torch.tensor(x)
+        attn[i, :len(x)] = 1
+        lmask[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), attn.to(device), lmask[:, 1:].to(device)
+
+
+def sft_loss_sum(model, ids, attn, lmask, chunk_mb: float = 0, bf16: bool = False) -> torch.Tensor:
+    """The summed negative log-likelihood of the loss-mask targets. Only the final hidden states of those
+    positions reach the vocab projection (grpo.token_logprobs, chunked): SFT uses the same fused log-prob as GRPO."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    h = out.hidden_states[-1][:, :-1][lmask]
+    w = model.get_output_embeddings().weight
+    logp = token_logprobs(h, w, ids[:, 1:][lmask], chunk_size=chunk_tokens(w.shape[0], chunk_mb, ids.device))
+    return -logp.sum()
+
+
+@torch.no_grad()
+def mean_loss(model, examples: list, pad_id: int, device, micro_batch_size: int = 8, chunk_mb: float = 0) -> float:
+    """The mean negative log-likelihood per loss token over `examples` [(ids, loss_mask)] (no gradient)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for a in range(0, len(examples), micro_batch_size):
+        ids, attn, lmask = pad_batch(examples[a:a + micro_batch_size], pad_id, device)
+        total += float(sft_loss_sum(model, ids, attn, lmask, chunk_mb))
+        n += int(lmask.sum())
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class SFTSettings:
+    steps: int = -1
+    """optimizer steps; -1 = as many as `epochs` passes over the data take"""
+    epochs: float = 3.0
+    """passes over the data when steps is -1 (the original: 3)"""
+    lr: float = 1e-5
+    """peak learning rate (the original: 1e-5, cosine)"""
+    warmup: float = 0.1
+    """fraction of the steps spent warming up linearly (the original: 0.1)"""
+    batch_size: int = 64
+    """conversations per optimizer step (the original: 64)"""
+    micro_batch_size: int = 8
+    """conversations per forward/backward (gradient accumulation up to batch_size)"""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+def total_steps(n_examples: int, s: SFTSettings) -> int:
+    return s.steps if s.steps >= 0 else max(1, math.ceil(s.epochs * math.ceil(n_examples / s.batch_size)))
+
+
+def batches_forever(lengths: list[int], batch_size: int, seed: int):
+    """Length-bucketed batches, epoch after epoch (a new shuffle each epoch)."""
+    rng = random.Random(seed)
+    while True:
+        yield from length_batches(lengths, batch_size, rng)
+
+
+def train_sft(model, examples: list, s: SFTSettings, pad_id: int, device, seed: int = 0, optimizer=None,
+              start: int = 0, on_step=None, chunk_mb: float = 0, bf16: bool = False) -> list[float]:
+    """Run SFT steps `start`..total on `examples` [(ids, loss_mask)]; returns each step's mean token loss. The loss
+    of a step is the mean over all its assistant tokens (token-mean over the whole batch, so micro-batching does
+    not change it). `on_step(step, stats)` is called after each optimizer step (logging, checkpoints)."""
+    total = total_steps(len(examples), s)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    batches = batches_forever([len(x) for x, _ in examples], s.batch_size, seed)
+    for _ in range(start):  # a resumed run sees the batches it would have seen
+        next(batches)
+    model.train()
+    losses = []
+    for step in range(start, total):
+        batch = [examples[i] for i in next(batches)]
+        n_tok = sum(sum(m[1:]) for _, m in batch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, total, s.lr, s.warmup)
+        loss_sum = 0.0
+        for a in range(0, len(batch), s.micro_batch_size):
+            ids, attn, lmask = pad_batch(batch[a:a + s.micro_batch_size], pad_id, device)
+            loss = sft_loss_sum(model, ids, attn, lmask, chunk_mb, bf16) / max(n_tok, 1)
+            loss.backward()
+            loss_sum += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_sum)
+        if on_step is not None:
+            on_step(step + 1, {"sft_loss": loss_sum, "grad_norm": float(norm), "lr": optimizer.param_groups[0]["lr"],
+                               "tokens": n_tok})
+    return losses
