@@ -1,17 +1,40 @@
-"""Dataclass configs from the command line: `--config file.json`, then `--key value` overrides.
+"""Dataclass configs from the command line (`--config file.json`, then `--key value` overrides), and the checks
+of a config against this machine that train.py runs before any work.
 
 Nested dataclasses are addressed with dots (`--rollout.max_turns 8`, `--user.backend http`); in a JSON file
-they are nested objects. Every value is converted to the field's declared type; unknown keys and values of
-the wrong type raise ConfigError with a message that names the key. Keys starting with `_` in a JSON file
-are comments.
+they are nested objects. Every value is converted to the field's declared type; unknown keys, values of the
+wrong type and non-finite floats (inf, nan) raise ConfigError with a message that names the key. Keys starting
+with `_` in a JSON file are comments. A caller may name `fixed` keys that neither the command line nor a recipe
+may set (a value derived from another key), each with the reason.
+
+`check_before_work(cfg)` then reads what the config needs from the machine: the device, the ranks, the models'
+names, every task file, the user endpoint. Each problem is one line (ConfigError naming the key, DataError naming
+the file), raised before the run folder exists and before any model loads.
 """
 import dataclasses
 import json
+import math
+import os
+import re
 import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import torch
+import transformers
+
+import distributed
+import envs
+import users
 
 
 class ConfigError(ValueError):
-    pass
+    """A mistake in the config or the command line; the message starts with the key (--lr: ...)."""
+
+
+class DataError(ValueError):
+    """A task file that cannot be used; the message names the file (and the line and field where known)."""
 
 
 def _convert(key: str, value, typ):
@@ -27,10 +50,12 @@ def _convert(key: str, value, typ):
             raise ConfigError(f"--{key}: expected {typ.__name__}, got {value!r}")
         try:
             out = typ(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"--{key}: expected {'an int' if typ is int else 'a float'}, got {value!r}") from None
         if typ is int and isinstance(value, float) and value != out:
             raise ConfigError(f"--{key}: expected an int, got {value!r}")
+        if not math.isfinite(out):  # float("inf") parses, then dies steps later (in the sampler, the optimizer)
+            raise ConfigError(f"--{key}: expected a finite number, got {value!r}")
         return out
     if typ is str:
         if not isinstance(value, str):
@@ -48,8 +73,10 @@ def _convert(key: str, value, typ):
     raise ConfigError(f"--{key}: unsupported field type {typ}")
 
 
-def _set(cfg, key: str, value):
+def _set(cfg, key: str, value, fixed: dict):
     """Set `a.b.c` on a (nested) dataclass config, converting `value` to the field's declared type."""
+    if key in fixed:
+        raise ConfigError(f"--{key}: {fixed[key]}")
     obj, *path = cfg, *key.split(".")
     for i, name in enumerate(path):
         fields = {f.name: f for f in dataclasses.fields(obj)}
@@ -63,7 +90,7 @@ def _set(cfg, key: str, value):
             if not isinstance(value, dict):
                 raise ConfigError(f"--{key}: expected an object of sub-keys, got {value!r}")
             for sub, v in value.items():
-                _set(cfg, f"{key}.{sub}", v)
+                _set(cfg, f"{key}.{sub}", v, fixed)
         else:
             setattr(obj, name, _convert(key, value, _field_type(obj, name)))
 
@@ -72,8 +99,10 @@ def _field_type(obj, name: str):
     return typing.get_type_hints(type(obj))[name]
 
 
-def apply_args(cfg, argv: list[str]):
-    """Overlay `--config file.json`, then `--key value` / `--key=value` overrides, onto dataclass `cfg`."""
+def apply_args(cfg, argv: list[str], fixed: dict | None = None):
+    """Overlay `--config file.json`, then `--key value` / `--key=value` overrides, onto dataclass `cfg`.
+    `fixed`: {dotted key: why it cannot be set}."""
+    fixed = fixed or {}
     pairs = []
     i = 0
     while i < len(argv):
@@ -96,10 +125,122 @@ def apply_args(cfg, argv: list[str]):
                     data = json.load(f)
             except (OSError, json.JSONDecodeError) as e:
                 raise ConfigError(f"--config: cannot read {value}: {e}") from None
+            if not isinstance(data, dict):
+                kind = "an array" if isinstance(data, list) else f"a {type(data).__name__}"
+                raise ConfigError(f"--config: {value} holds {kind}; a recipe is a JSON object of keys, "
+                                  'e.g. {"lr": 1e-6, "rollout": {"max_turns": 8}}')
             for k, v in data.items():
                 if not k.startswith("_"):  # "_comment" keys document a recipe file
-                    _set(cfg, k, v)
+                    _set(cfg, k, v, fixed)
     for key, value in pairs:
         if key != "config":
-            _set(cfg, key, value)
+            _set(cfg, key, value, fixed)
     return cfg
+
+
+def split_names(names: str) -> list[str]:
+    """"intention, telepathy" -> ["intention", "telepathy"]."""
+    return [n.strip() for n in names.split(",") if n.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks before work
+
+
+@dataclass
+class Tasks:
+    train: dict
+    """{gym: [task]} of the training mixture's gyms"""
+    test: list
+    """(gym, task) pairs of the evaluation (empty when --eval_every is 0)"""
+
+
+def check_before_work(cfg, task_pool: dict | None = None) -> Tasks:
+    """Everything train.Config `cfg` needs from this machine, checked; returns the tasks, loaded once here.
+    `task_pool` ({gym: [task]}) replaces the training data (tests with toy gyms)."""
+    world = distributed.launched_world_size()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda, but torch sees no GPU here (torch.cuda.is_available() is False); "
+                          "use --device cpu")
+    if cfg.fsdp and "RANK" not in os.environ:  # under torchrun one rank is fine: a group of one
+        raise ConfigError("--fsdp: FSDP2 shards the model over the ranks of a process group, and this process has "
+                          "none; start one rank per GPU with torchrun --nproc_per_node N train.py ..., or drop --fsdp")
+    if cfg.batch_size % world or cfg.mini_batch_size % world:
+        raise ConfigError(f"--batch_size ({cfg.batch_size}) and --mini_batch_size ({cfg.mini_batch_size}) must be "
+                          f"multiples of the number of ranks ({world}): a group never spans ranks")
+    resumed = cfg.resume and any(Path(cfg.resume).glob("ckpt-*"))
+    if not resumed or cfg.loss.kl_coef > 0:  # the policy starts from it, or the reference model is it
+        check_model("model", cfg.model)
+    if cfg.user.backend == "hf":
+        check_model("user.model", cfg.user.model)
+    tasks = load_tasks(cfg, task_pool)
+    if cfg.user.backend == "http" and cfg.user.probe:
+        try:
+            users.from_config(cfg.user).probe()
+        except users.UserError as e:
+            raise ConfigError(f"--user.base_url: {e} (--user.probe false skips this check)") from None
+    return tasks
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_model(key: str, name: str):
+    """`name` is "tiny", a folder with a config.json, or a hub id that is cached or can be fetched (only its
+    config.json is read here, never the weights)."""
+    if name == "tiny":
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--{key}: {name} is a folder without a config.json, not a model folder")
+        return
+    if path.exists() or name.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(name):
+        raise ConfigError(f"--{key}: {name} is neither a model folder (there is no such folder), a hub id such as "
+                          "Qwen/Qwen3-4B, nor tiny")
+    try:
+        transformers.AutoConfig.from_pretrained(name, local_files_only=True)
+        return
+    except OSError:
+        pass  # not in the cache
+    hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if not offline:
+        try:  # one quick request: without internet the hub client retries for half a minute, printing each try
+            requests.head(hub, timeout=5)
+        except requests.RequestException:
+            offline = True
+    if offline:
+        raise ConfigError(f"--{key}: {name} is not in the Hugging Face cache and {hub} cannot be reached from here; "
+                          f"download it where there is internet (huggingface-cli download {name}) or pass a local "
+                          "folder")
+    try:
+        transformers.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--{key}: {name}: {one_line(e)}") from None
+
+
+def one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def load_tasks(cfg, task_pool: dict | None) -> Tasks:
+    """Every training gym's train split and, when evaluations are on, every eval gym's test split: read now, so
+    that a bad file stops the run before any work."""
+    def load(gym, split):
+        try:
+            return envs.load_tasks(gym, split, cfg.data_dir or None)
+        except (ValueError, OSError, KeyError) as e:  # envs.TaskDataError is a ValueError naming file/line/field
+            where = f"--data_dir {cfg.data_dir}" if cfg.data_dir else "data/"
+            raise DataError(f"{gym} {split} tasks ({where}): {one_line(e)}") from None
+
+    weights = cfg.gyms or {g: 1.0 for g in (task_pool or envs.GYMS)}
+    train = task_pool or {g: load(g, "train") for g, w in weights.items() if w > 0}
+    for gym, tasks in train.items():
+        if not tasks:
+            raise DataError(f"{gym}: no training tasks")
+    test = []
+    if cfg.eval_every:
+        test = [(g, task) for g in split_names(cfg.eval_gyms) for task in load(g, "test")[: cfg.eval_tasks or None]]
+    return Tasks(train, test)

@@ -5,44 +5,53 @@
     torchrun --nproc_per_node 8 train.py --config configs/userrl-qwen3-4b.json    # the paper's recipe, 8 GPUs
     python train.py --resume runs/20261125-120000 --steps 40            # continue a run where it stopped
 
-One step, in the order the code runs it (paper section 4, and anchors.md section 0):
-  sample tasks from the gym mixture -> roll out `group_size` episodes per task against the simulated user
-  -> per episode: a trajectory score and per-turn credits from its turn rewards (rewards.py)
-  -> group-normalised advantages, spread over the agent's tokens -> recompute the old log-probs (no grad)
-  -> `ppo_epochs` passes of clipped-ratio updates over mini-batches, with the fused chunked log-prob (grpo.py).
+One step (`step()` below; paper section 4) runs six phases, in this order:
+  1. sample `batch_size` tasks from the gym mixture (every rank draws the same batch and rolls out its share)
+  2. roll out `group_size` episodes per task against the simulated user (rollout.py)
+  3. score each episode, normalise the scores within each group into advantages, spread them over the agent's
+     tokens with per-turn credits (rewards.py)
+  4. recompute the old log-probs of the generated tokens with the training forward (no grad)
+  5. `ppo_epochs` passes of clipped-ratio AdamW updates over mini-batches, with the fused log-prob (grpo.py)
+  6. log metrics and transcripts, evaluate, checkpoint
+Before the first step, every check that can fail runs (config values, device, ranks, model name, task files, the
+user endpoint), before the run folder exists and before any model loads; then the folder is claimed
+(checkpoints.py), the models are loaded (or resumed) and config.json is written.
 Simplifications, each deliberate:
   - no critic, no KL and no entropy bonus by default (the paper's recipe; `--loss.kl_coef` turns KL on);
   - generation runs in-process with our own KV-cached batched sampler (rollout.py), not vLLM/SGLang;
   - data parallel = the same loop on every rank plus one all-reduce of the gradients per update (no DDP
-    wrapper); `--fsdp true` shards parameters with FSDP2 for models that do not fit;
+    wrapper); `--fsdp true` shards parameters with FSDP2 for models that do not fit (distributed.py);
   - a group never spans ranks, so advantages need no communication; token counts for the loss are global.
 """
 import copy
 import dataclasses
-import json
 import os
 import random
+import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import transformers
 from tqdm import tqdm
 
+import checkpoints
+import distributed
 import envs
 import rewards
 import users
-from config import ConfigError, apply_args
-from grpo import STATS, LossConfig, chunk_tokens, grpo_loss, loss_weights, token_logprobs  # noqa: F401  (train.token_logprobs is API)
+from config import ConfigError, DataError, Tasks, apply_args, check_before_work, split_names
+from grpo import STATS, LossConfig, chunk_tokens, grpo_loss, loss_weights, naive_grpo_loss, token_logprobs
 from models import load_model  # noqa: F401  (part of this module's API: train.load_model)
-from rollout import RolloutConfig, rollout, write_transcripts
+from rollout import RolloutConfig, rollout
+from users import UserConfig
 
 # The paper trains on Travel, Turtle, Persuade, Function and Tau and holds out Intention, Telepathy and Search
-# for evaluation (userrl-original.md section 1). The demo trains on every gym it has.
+# for evaluation. The demo trains on every gym it has.
 HELD_OUT = ("intention", "telepathy", "search")
 
 
@@ -51,27 +60,18 @@ HELD_OUT = ("intention", "telepathy", "search")
 
 
 @dataclass
-class UserConfig:
-    backend: str = "scripted"
-    """simulated user: scripted (offline rules), http (any OpenAI-compatible endpoint), hf (in-process model)"""
-    model: str = ""
-    """http: the served model name (e.g. Qwen/Qwen3-32B); hf: a hub id or local folder"""
-    base_url: str = ""
-    """http: e.g. http://localhost:8000/v1; empty means $OPENAI_BASE_URL"""
-    api_key_env: str = "OPENAI_API_KEY"
-    """http: the environment variable that holds the key (the key itself is never logged)"""
-    temperature: float = 0.0
-    """http: the original's simulated users and judges are greedy (the hf user always is)"""
-    max_tokens: int = 2048
-    """per reply (the original's setting)"""
-    timeout: float = 60.0
-    """http: seconds per request (the original's 10 s cuts off long replies from a busy local server)"""
-    max_retries: int = 3
-    """http: retries with exponential backoff on timeouts, connection errors, 429 and 5xx"""
-    max_concurrency: int = 64
-    """http: requests in flight at once, over all episodes of a rank"""
-    extra_body: dict = field(default_factory=dict)
-    """http: merged into every request, e.g. {"chat_template_kwargs": {"enable_thinking": false}} for Qwen3"""
+class TrainLossConfig(LossConfig):
+    """grpo.LossConfig and how the update computes it. Its `temperature` is not a key of its own: the PPO ratio
+    must compare the distribution the rollout sampled from, so it is set from --rollout.temperature (1 when the
+    rollout is greedy), in both the old-log-prob pass and the loss."""
+
+    fused: bool = True
+    """the fused chunked loss (grpo.grpo_loss); false runs the readable grpo.naive_grpo_loss, which holds the full
+    tokens x vocab logits (fine for the tiny model; tens of GB at Qwen's vocabulary)"""
+
+
+FIXED_KEYS = {"loss.temperature": "not a key of its own: the PPO ratio must use the temperature the rollout "
+                                  "sampled at; set --rollout.temperature"}
 
 
 @dataclass
@@ -82,24 +82,25 @@ class Config:
     seed: int = 0
     """seeds the task sampler (same on every rank) and python/numpy/torch (offset by rank)"""
     out_dir: str = ""
-    """run folder; empty means runs/<timestamp>"""
+    """run folder; empty means runs/<timestamp>. A folder that already holds a run is refused (use --resume)"""
     resume: str = ""
-    """a run folder to continue from its latest checkpoint (its config.json, then these overrides)"""
+    """a run folder to continue from its latest checkpoint (its config.json, then these overrides, recorded in
+    its resume-log.jsonl); --model cannot change on resume (the checkpoint holds the weights)"""
     steps: int = 3
-    """GRPO steps to run in total (demo: 3; the paper ran about 280)"""
+    """GRPO steps to run in total (demo: 3; the paper's recipe: 270 = 18 steps per epoch x 15 epochs)"""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu or cuda"""
     dtype: str = "float32"
     """float32, or bfloat16: bf16 compute and a bf16 copy of the weights for rollouts, fp32 master weights"""
     fsdp: bool = False
-    """shard parameters, gradients and optimizer state with FSDP2 (fully_shard per decoder block)"""
+    """shard parameters, gradients and optimizer state with FSDP2 (fully_shard per decoder block); needs ranks"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward (the paper's recipe turns it on)"""
     # data
     gyms: dict = field(default_factory=dict)
     """training mixture {gym: weight}; empty means every registered gym with weight 1 (the demo)"""
     eval_gyms: str = ",".join(HELD_OUT)
-    """comma-separated gyms evaluated on their test split (greedy); gyms not registered are skipped"""
+    """comma-separated gyms evaluated on their test split (greedy, no reward shown)"""
     eval_tasks: int = 4
     """test tasks per eval gym (0 = the whole split); the demo keeps it small"""
     data_dir: str = ""
@@ -135,11 +136,12 @@ class Config:
     """divide by the group std (False = Dr. GRPO)"""
     lam: float = 1.0
     """weight of the trajectory advantage in schemes that mix it with a turn advantage"""
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: TrainLossConfig = field(default_factory=TrainLossConfig)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(max_new_tokens=48))
     """sampling and episode limits; the demo caps a turn at 48 new tokens because the random tiny model
     rarely ends a turn by itself (the paper: no cap per turn, 8,192 response tokens per episode)"""
     user: UserConfig = field(default_factory=UserConfig)
+    """the simulated user (users.UserConfig: the backend, and for http the client's own fields)"""
     # logging and checkpoints
     save_every: int = 1
     """checkpoint every N steps (0 = never); the paper saves every step"""
@@ -159,133 +161,77 @@ def parse_config(argv: list[str]) -> Config:
         if not (Path(resume) / "config.json").is_file():
             raise ConfigError(f"--resume: {resume} has no config.json (is it a run folder?)")
         cfg = apply_args(cfg, ["--config", str(Path(resume) / "config.json")])
+    run_model, run_dir = cfg.model, cfg.out_dir
+    cfg = apply_args(cfg, argv, fixed=FIXED_KEYS)
+    if resume:
+        if cfg.model != run_model:
+            raise ConfigError(f"--model: a resumed run continues from its latest checkpoint's weights, so --model "
+                              f"{cfg.model} would be ignored; to start a new run from those weights, pass "
+                              f"--model {resume}/ckpt-N and a new --out_dir")
+        if cfg.out_dir != run_dir and Path(cfg.out_dir).resolve() != Path(resume).resolve():
+            raise ConfigError(f"--out_dir: a resumed run stays in its folder ({resume})")
         cfg.out_dir = resume
-    cfg = apply_args(cfg, argv)
+    cfg.loss.temperature = 1.0 if cfg.rollout.greedy else cfg.rollout.temperature  # see TrainLossConfig
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config):
-    """Checks of values (types are checked on parsing); run before any model is loaded."""
+    """Checks of values (types are checked on parsing); nothing here reads the machine or the network."""
     def check(ok, key, msg):
         if not ok:
             raise ConfigError(f"--{key}: {msg}")
 
     check(cfg.dtype in ("float32", "bfloat16"), "dtype", f"expected float32 or bfloat16, got {cfg.dtype!r}")
     check(cfg.device in ("auto", "cpu", "cuda"), "device", f"expected auto, cpu or cuda, got {cfg.device!r}")
-    check(cfg.steps >= 0, "steps", f"must be >= 0, got {cfg.steps}")
     check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
-    check(cfg.rollout_tasks >= 0, "rollout_tasks", f"must be >= 0, got {cfg.rollout_tasks}")
+    check(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    check(cfg.grad_clip > 0, "grad_clip", f"must be > 0, got {cfg.grad_clip}")
+    for key in ("steps", "rollout_tasks", "save_every", "eval_every", "eval_tasks", "transcripts"):
+        check(getattr(cfg, key) >= 0, key, f"must be >= 0, got {getattr(cfg, key)}")
     for key in ("batch_size", "group_size", "mini_batch_size", "micro_batch_size", "ppo_epochs"):
         check(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
     check(cfg.batch_size % cfg.mini_batch_size == 0, "mini_batch_size",
           f"must divide batch_size ({cfg.batch_size}), got {cfg.mini_batch_size}")
     for gym, w in cfg.gyms.items():
         check(gym in envs.GYMS, "gyms", f"unknown gym {gym!r}; known: {sorted(envs.GYMS)}")
-        check(isinstance(w, (int, float)) and w >= 0, "gyms", f"weight of {gym!r} must be a number >= 0, got {w!r}")
+        check(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf"), "gyms",
+              f"weight of {gym!r} must be a finite number >= 0, got {w!r}")
     check(not cfg.gyms or sum(cfg.gyms.values()) > 0, "gyms", "at least one weight must be > 0")
     check(cfg.gyms or not cfg.data_dir, "gyms", "name the gyms to train on when --data_dir points at the original "
           'files, e.g. {"travel": 925, "turtle": 423, "persuade": 378, "function": 200} (tau needs tau-bench)')
+    for gym in split_names(cfg.eval_gyms):
+        check(gym in envs.GYMS, "eval_gyms", f"unknown gym {gym!r}; known: {', '.join(sorted(envs.GYMS))}")
+    check(split_names(cfg.eval_gyms) or not cfg.eval_every, "eval_gyms", "empty, but --eval_every asks for evaluations")
     check(cfg.score in rewards.SCORES, "score", f"unknown {cfg.score!r}; known: {sorted(rewards.SCORES)}")
     check(cfg.credit in rewards.CREDITS, "credit", f"unknown {cfg.credit!r}; known: {sorted(rewards.CREDITS)}")
     check(cfg.scheme in rewards.SCHEMES, "scheme", f"unknown {cfg.scheme!r}; known: {sorted(rewards.SCHEMES)}")
-    check(cfg.user.backend in ("scripted", "http", "hf"), "user.backend", f"expected scripted, http or hf, got {cfg.user.backend!r}")
+    check(cfg.user.backend in users.BACKENDS, "user.backend",
+          f"expected one of {', '.join(users.BACKENDS)}, got {cfg.user.backend!r}")
     check(cfg.user.backend == "scripted" or cfg.user.model, "user.model", f"the {cfg.user.backend} user needs a model")
-    check(cfg.resume == "" or Path(cfg.resume).is_dir(), "resume", f"{cfg.resume} is not a folder")
-    for key, cls in (("loss", LossConfig), ("rollout", RolloutConfig)):  # their own checks, in __post_init__
+    check(cfg.user.backend != "http" or cfg.user.base_url or os.environ.get("OPENAI_BASE_URL"), "user.base_url",
+          "the http user needs an endpoint: --user.base_url http://HOST:PORT/v1, or set $OPENAI_BASE_URL")
+    check(cfg.user.max_concurrency >= 1 and cfg.user.max_retries >= 0 and cfg.user.timeout > 0, "user",
+          "max_concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+    for key in ("loss", "rollout"):  # their own checks, in __post_init__
+        sub = getattr(cfg, key)
         try:
-            cls(**dataclasses.asdict(getattr(cfg, key)))
+            type(sub)(**dataclasses.asdict(sub))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"--{key}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Set-up: ranks, devices, seeds, models
-
-
-def setup_distributed(cfg: Config):
-    """(rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPU; otherwise one process."""
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def make_user(cfg: UserConfig):
-    """None means the offline scripted user (envs.make_env builds it)."""
-    if cfg.backend == "scripted":
-        return None
-    if cfg.backend == "hf":  # greedy, as the original's users
-        return users.make_user("hf", model=cfg.model, max_new_tokens=cfg.max_tokens)
-    return users.make_user("http", base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
-                           temperature=cfg.temperature, max_tokens=cfg.max_tokens, timeout=cfg.timeout,
-                           max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency,
-                           extra_body=cfg.extra_body)
-
-
-def shard(model, cfg: Config):
-    """FSDP2: one shard group per decoder block plus the root (embeddings, final norm, lm_head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None,
-                              reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    # Our loss weights already divide by the GLOBAL token count, so gradients must be summed over ranks.
-    for m in model.modules():
-        if is_fsdp(m):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo (CPU) has no pre-scaled reductions
-    return model
-
-
-def sync_rollout_weights(rollout_model, model):
-    """Copy the trained weights into the bf16 rollout copy, gathering each FSDP shard once per step."""
-    with torch.no_grad():
-        dst = dict(rollout_model.named_parameters())
-        for name, p in model.named_parameters():
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            dst[name].copy_(full)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tasks
+# One GRPO step
 
 
 class TaskSampler:
     """Draws (gym, task) pairs from the weighted gym mixture. Seeded identically on every rank, so all ranks
-    agree on the global batch; each rank then rolls out its own slice of it."""
+    agree on the global batch; each rank then rolls out its own share of it."""
 
-    def __init__(self, weights: dict, data_dir: str, seed: int, pool: dict | None = None):
-        self.pool = pool or {g: envs.load_tasks(g, "train", data_dir or None) for g, w in weights.items() if w > 0}
-        self.gyms = sorted(self.pool)
+    def __init__(self, pool: dict, weights: dict, seed: int):
+        self.pool = pool
+        self.gyms = sorted(pool)
         self.weights = [weights.get(g, 1.0) for g in self.gyms]
         self.rng = random.Random(seed)
 
@@ -294,8 +240,228 @@ class TaskSampler:
         return [(g, self.rng.choice(self.pool[g])) for g in gyms]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The GRPO update
+@dataclass
+class Trainer:
+    """What every step reads; built once by set_up()."""
+
+    cfg: Config
+    run_dir: Path
+    ranks: distributed.Ranks
+    model: torch.nn.Module
+    """the policy being trained (FSDP2-sharded with --fsdp)"""
+    rollout_model: torch.nn.Module
+    """what generates: the policy itself, or a full copy of its weights (bf16 with --dtype bfloat16; always under
+    FSDP, since a sharded model would all-gather every layer for every decoded token)"""
+    ref_model: torch.nn.Module | None
+    """the initial policy for the KL term; None when kl_coef is 0 (the paper's recipe)"""
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    sampler: TaskSampler
+    test_tasks: list
+    """(gym, task) pairs of the evaluation"""
+    user: object
+    """the simulated user (None: each env builds its scripted one)"""
+    start: int
+    """steps done before this process started (from the checkpoint resumed)"""
+
+
+@dataclass
+class Batch:
+    """This rank's trainable episodes of a step and, for each, what the update needs."""
+
+    episodes: list
+    task: list
+    """index of each episode's task in the step's global batch: its GRPO group; mini-batch k holds the tasks
+    [k * mini_batch_size, (k + 1) * mini_batch_size)"""
+    advantages: list
+    """one float32 tensor per episode, one advantage per generated token"""
+    pad_id: int
+    old_logprobs: list | None = None
+    ref_logprobs: list | None = None
+
+    def select(self, idx: list) -> "Batch":
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return Batch(pick(self.episodes), pick(self.task), pick(self.advantages), self.pad_id,
+                     pick(self.old_logprobs), pick(self.ref_logprobs))
+
+
+def step(t: Trainer, n: int) -> dict:
+    """GRPO step n (counted from 1), its six phases in order. Returns the step's metrics; rank 0 has written
+    them and the transcripts to the run folder before the step's checkpoint."""
+    cfg, (rank, world, device) = t.cfg, t.ranks
+    m = {"step": n}
+    t0 = time.perf_counter()
+    # 1. sample the global batch (the same on every rank) and deal this rank its tasks
+    batch = t.sampler.sample(cfg.batch_size)
+    mine = distributed.deal(len(batch), rank, world)
+    # 2. roll out a group of episodes per task against the simulated user
+    with phase(m, "rollout", device):
+        episodes, m["time_user"] = roll_out(t, [batch[i] for i in mine], n)
+    task_of = [mine[j // cfg.group_size] for j in range(len(episodes))]
+    # 3. score and advantages, per group; episodes whose user failed are left out
+    kept = [j for j, e in enumerate(episodes) if not e.failed]
+    eps, groups = [episodes[j] for j in kept], [task_of[j] for j in kept]
+    scores, advantages = score_and_advantages(eps, groups, cfg)
+    train_batch = Batch(eps, groups, [torch.tensor(a, dtype=torch.float32) for a in advantages],
+                        t.tokenizer.pad_token_id)
+    # 4. old log-probs (and the reference model's), recomputed with the training forward
+    with phase(m, "logprob", device):
+        train_batch.old_logprobs, entropies = recompute_logprobs(t.model, train_batch, cfg)
+        if t.ref_model is not None:
+            train_batch.ref_logprobs, _ = recompute_logprobs(t.ref_model, train_batch, cfg)
+    # 5. clipped-ratio updates
+    with phase(m, "update", device):
+        m.update(update(t.model, t.optimizer, train_batch, cfg))
+    # 6. log, evaluate, checkpoint (the step's lines reach the disk before its checkpoint becomes the latest)
+    m.update(episode_metrics(episodes, scores, advantages, groups))
+    m.update(logprob_metrics(train_batch, entropies))
+    if cfg.eval_every and n % cfg.eval_every == 0:
+        m.update(evaluate(t))
+    m["time_generate"] = m["time_rollout"] - m["time_user"]
+    m["time_step"] = time.perf_counter() - t0
+    if rank == 0:
+        checkpoints.append_step(t.run_dir, m, episodes[: cfg.transcripts], t.tokenizer)
+    if cfg.save_every and n % cfg.save_every == 0:
+        checkpoints.save_checkpoint(t.run_dir, n, t.model, t.tokenizer, t.optimizer,
+                                    {"sampler": t.sampler.rng.getstate()}, rank)
+    return m
+
+
+@contextmanager
+def phase(m: dict, name: str, device: torch.device):
+    """Time a phase into m["time_<name>"]; on CUDA also its peak memory into m["peak_mem_gb/<name>"]."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    yield
+    if cuda:
+        torch.cuda.synchronize(device)
+        m[f"peak_mem_gb/{name}"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    m[f"time_{name}"] = time.perf_counter() - t0
+
+
+def roll_out(t: Trainer, tasks: list, n: int) -> tuple[list, float]:
+    """Phase 2: `group_size` episodes per task, grouped in task order and tagged with step n, and the seconds spent
+    in env/user calls. `rollout_tasks` tasks at a time: their groups share one KV cache, which bounds its memory."""
+    cfg = t.cfg
+    if t.rollout_model is not t.model:
+        distributed.sync_rollout_weights(t.rollout_model, t.model)
+    episodes, time_user, chunk = [], 0.0, cfg.rollout_tasks or len(tasks)
+    for i in range(0, len(tasks), chunk):
+        stats = {}
+        episodes += rollout(t.rollout_model, t.tokenizer, tasks[i:i + chunk], cfg.group_size, cfg.rollout,
+                            user=t.user, stats=stats)
+        time_user += stats["time_env"]
+    for e in episodes:
+        e.info["step"] = n
+    return episodes, time_user
+
+
+def score_and_advantages(episodes: list, groups: list, cfg: Config) -> tuple[list, list]:
+    """Phase 3 (paper section 3.2; rewards.py): each episode's trajectory score, normalised within its group into
+    the GRPO advantage, then spread over its generated tokens with per-turn credits. Returns (scores, token
+    advantages per episode)."""
+    scores = [rewards.trajectory_score(e.turn_rewards, cfg.score, cfg.gamma) for e in episodes]
+    group_advs = rewards.group_advantages(scores, groups, cfg.use_std)
+    credits = [rewards.turn_credits(e.turn_rewards, cfg.credit, cfg.gamma) for e in episodes]
+    turn_lens = [[sum(e.loss_mask[a:b]) for a, b in e.turn_spans] for e in episodes]
+    return scores, rewards.SCHEMES[cfg.scheme](credits, turn_lens, group_advs, groups, cfg.use_std, cfg.lam)
+
+
+@torch.no_grad()
+def recompute_logprobs(model, batch: Batch, cfg: Config) -> tuple[list, list]:
+    """Phase 4: log-probs and entropies of each episode's generated tokens under `model` with the training
+    forward, at the sampling temperature: the PPO ratio's denominator. Recomputed rather than taken from
+    sampling so the ratio is exactly 1 before the first update even when sampling ran in bf16 with a KV cache
+    (the two are compared as `logprob_diff`); the entropy comes from the same vocab pass."""
+    out, ents = [], []
+    bf16, device = cfg.dtype == "bfloat16", model_device(model)
+    for sl in distributed.micro_slices(len(batch.episodes), cfg.micro_batch_size, model):
+        if sl.start == sl.stop:
+            dummy_hidden(model, batch.pad_id, bf16)
+            continue
+        ids, attn, sel = pack(batch.episodes[sl], batch.pad_id, device)
+        h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
+        w = head_weight(model)
+        lp, ent = token_logprobs(h, w, ids[:, 1:][sel], temperature=cfg.loss.temperature,
+                                 chunk_size=chunk_tokens(w.shape[0], cfg.loss.chunk_mb), return_entropy=True)
+        counts = [int(s.sum()) for s in sel]
+        out.extend(lp.float().cpu().split(counts))
+        ents.extend(ent.float().cpu().split(counts))
+    if distributed.is_fsdp(model):  # FSDP keeps the root's weights gathered after a forward that has no backward
+        model.reshard()
+    return out, ents
+
+
+def update(model, optimizer, batch: Batch, cfg: Config) -> dict:
+    """Phase 5: `ppo_epochs` passes over this rank's episodes, `batch_size / mini_batch_size` AdamW updates each.
+
+    Update k trains on the tasks [k*m, (k+1)*m) of the global batch (m = mini_batch_size). The loss of each token
+    is weighted with counts over ALL ranks (grpo.loss_weights), so summing the gradients of every micro-batch and
+    rank gives the gradient of the whole mini-batch: N ranks make the same update as one process with the same
+    global batch (tests/test_distributed.py).
+
+    Episodes whose advantages are all 0 (every member of a zero-spread group) have a loss of exactly 0 when there
+    is no KL term, so they are not run through the model at all; they still count in the token and sequence
+    totals, so the update is the same as if they had been. The stats are over the trained tokens."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sums, norms = {}, []
+    for _ in range(cfg.ppo_epochs):
+        for k in range(cfg.batch_size // cfg.mini_batch_size):
+            mb = batch.select([i for i, task in enumerate(batch.task) if task // cfg.mini_batch_size == k])
+            totals = distributed.all_reduce_sums({"tokens": sum(sum(e.loss_mask) for e in mb.episodes),
+                                                  "sequences": len(mb.episodes)})
+            mb = mb.select([i for i, a in enumerate(mb.advantages) if has_gradient(a, cfg.loss)])
+            mb_sums, norm = mini_batch_update(model, optimizer, params, mb, totals, cfg)
+            sums = {key: sums.get(key, 0.0) + v for key, v in mb_sums.items()}
+            norms.append(norm)
+    sums = distributed.all_reduce_sums(sums)
+    out = {key: sums[key] / max(sums["tokens"], 1.0) for key in STATS}
+    out["grad_norm"] = float(np.mean(norms))  # the same on every rank: the norm of the summed gradient
+    out["loss"] = sums["loss"] / len(norms)  # the ranks' shares add up to each mini-batch's loss
+    return out
+
+
+def has_gradient(advantages: torch.Tensor, loss_cfg: LossConfig) -> bool:
+    """Whether an episode's loss can have a non-zero gradient: some advantage is non-zero, or the KL term is on."""
+    return loss_cfg.kl_coef > 0 or bool(advantages.any())
+
+
+def mini_batch_update(model, optimizer, params: list, mb: Batch, totals: dict, cfg: Config) -> tuple[dict, float]:
+    """One optimizer update over this rank's share of a mini-batch, gradients accumulated over micro-batches.
+    `totals`: the mini-batch's tokens and sequences over all ranks, for the loss weights. Returns this rank's
+    sums (tokens, loss, token-weighted STATS) and the gradient norm before clipping."""
+    loss_fn = grpo_loss if cfg.loss.fused else naive_grpo_loss
+    bf16, device = cfg.dtype == "bfloat16", model_device(model)
+    lens = [int(sum(e.loss_mask)) for e in mb.episodes]
+    sums = {"tokens": 0.0, "loss": 0.0, **{key: 0.0 for key in STATS}}
+    slices = distributed.micro_slices(len(mb.episodes), cfg.micro_batch_size, model)
+    for k, sl in enumerate(slices):
+        distributed.set_gradient_sync(model, k == len(slices) - 1)
+        if sl.start == sl.stop:
+            (dummy_hidden(model, mb.pad_id, bf16).sum() * 0).backward()
+            continue
+        ids, attn, sel = pack(mb.episodes[sl], mb.pad_id, device)
+        h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
+        w = loss_weights(lens[sl], cfg.loss.agg, int(totals["tokens"]), int(totals["sequences"]), cfg.loss.norm_len)
+        cat = lambda xs: None if xs is None else torch.cat(xs[sl]).to(device)  # noqa: E731
+        loss, stats = loss_fn(h, head_weight(model), ids[:, 1:][sel], cat(mb.old_logprobs), cat(mb.advantages),
+                              w.to(device), cfg.loss, ref_logprobs=cat(mb.ref_logprobs))
+        loss.backward()
+        n = float(sel.sum())
+        sums["tokens"] += n
+        sums["loss"] += loss.item()
+        for key in STATS:
+            sums[key] += float(stats[key]) * n
+    for p in params:  # a rank (or a mini-batch) with nothing to train still takes its AdamW step, on zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    distributed.reduce_gradients(model, params)
+    norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, norm
 
 
 def pack(episodes, pad_id: int, device):
@@ -322,272 +488,137 @@ def hidden_states(model, ids, attn, bf16: bool):
     return out.hidden_states[-1]
 
 
+def dummy_hidden(model, pad_id: int, bf16: bool):
+    """A 2-token forward for a rank with no micro-batch left: under FSDP every rank must take part."""
+    ids = torch.full((1, 2), pad_id, device=model_device(model))
+    return hidden_states(model, ids, torch.ones_like(ids), bf16)
+
+
 def head_weight(model):
     return model.get_output_embeddings().weight
 
 
-def is_fsdp(model) -> bool:
-    return hasattr(model, "set_requires_gradient_sync")  # what fully_shard adds to a module
-
-
-def micro_slices(n: int, size: int, model) -> list[slice]:
-    """Micro-batches of n items. Under FSDP every forward all-gathers shards, so every rank must run the same
-    number of them: a rank with fewer items gets empty slices (a dummy forward) at the end."""
-    slices = [slice(i, min(i + size, n)) for i in range(0, n, size)]
-    if is_fsdp(model):
-        count = int(all_reduce(torch.tensor(len(slices)), dist.ReduceOp.MAX))
-        slices += [slice(0, 0)] * (count - len(slices))
-    return slices
-
-
-def dummy_hidden(model, pad_id: int, device, bf16: bool):
-    ids = torch.full((1, 2), pad_id, device=device)
-    return hidden_states(model, ids, torch.ones_like(ids), bf16)
-
-
-@torch.no_grad()
-def recompute_logprobs(model, episodes, cfg: Config, pad_id: int, device) -> tuple[list, list]:
-    """Log-probs and entropies of each episode's generated tokens under `model` with the training forward: the
-    PPO ratio's denominator. Recomputed rather than taken from sampling so the ratio is exactly 1 before the
-    first update even when sampling ran in bf16 with a KV cache (the two are compared as `logprob_diff`);
-    the entropy comes from the same vocab pass."""
-    out, ents = [], []
-    bf16 = cfg.dtype == "bfloat16"
-    for sl in micro_slices(len(episodes), cfg.micro_batch_size, model):
-        if sl.start == sl.stop:
-            dummy_hidden(model, pad_id, device, bf16)
-            continue
-        ids, attn, sel = pack(episodes[sl], pad_id, device)
-        h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
-        w = head_weight(model)
-        lp, ent = token_logprobs(h, w, ids[:, 1:][sel], temperature=cfg.rollout.temperature,
-                                 chunk_size=chunk_tokens(w.shape[0], cfg.loss.chunk_mb), return_entropy=True)
-        counts = [int(s.sum()) for s in sel]
-        out.extend(lp.float().cpu().split(counts))
-        ents.extend(ent.float().cpu().split(counts))
-    if is_fsdp(model):  # FSDP keeps the root's weights gathered after a forward that has no backward
-        model.reshard()
-    return out, ents
-
-
-def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """Sum (or `op`) over ranks; the identity in one process. NCCL reduces on the GPU, gloo on the CPU."""
-    if not dist.is_initialized():
-        return t
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    x = t.to(dev)
-    dist.all_reduce(x, op=op)
-    return x.to(t.device)
-
-
-def update(model, optimizer, episodes, task_of, advs, old_lps, ref_lps, cfg: Config, pad_id: int, device,
-           world: int) -> dict:
-    """`ppo_epochs` passes over this rank's episodes, in `batch_size / mini_batch_size` optimizer updates each.
-
-    Update k trains on the global batch's tasks [k*m, (k+1)*m) (m = mini_batch_size); tasks are dealt to ranks
-    round-robin, so this rank holds m / world of them (local task index // (m / world) == k). The loss of each
-    token is weighted with counts over ALL ranks (grpo.loss_weights), so summing the gradients of every
-    micro-batch and rank gives the gradient of the whole mini-batch: N ranks make the same update as one
-    process with the same global batch (tests/test_distributed.py).
-
-    Episodes whose advantages are all 0 (every member of a zero-spread group) have a loss of exactly 0 when
-    there is no KL term, so they are not run through the model at all; they still count in the token and
-    sequence totals, so the update is the same as if they had been. The stats are over the trained tokens."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    per_rank = cfg.mini_batch_size // world
-    n_updates = cfg.batch_size // cfg.mini_batch_size
-    loss_cfg = dataclasses.replace(cfg.loss, temperature=cfg.rollout.temperature)  # ratio at sampling temperature
-    sums = torch.zeros(3 + len(STATS), dtype=torch.float64)  # tokens, grad norms, losses, token-weighted stats
-    for _ in range(cfg.ppo_epochs):
-        for k in range(n_updates):
-            idx = [i for i, t in enumerate(task_of) if t // per_rank == k]
-            totals = all_reduce(torch.tensor([sum(sum(episodes[i].loss_mask) for i in idx), len(idx)],
-                                             dtype=torch.float64)).tolist()
-            idx = [i for i in idx if has_gradient(advs[i], loss_cfg)]
-            sums += mini_batch_update(model, optimizer, params, [episodes[i] for i in idx], [advs[i] for i in idx],
-                                      [old_lps[i] for i in idx], None if ref_lps is None else [ref_lps[i] for i in idx],
-                                      totals, loss_cfg, cfg, pad_id, device)
-    sums = all_reduce(sums)
-    out = {key: float(sums[3 + j] / max(float(sums[0]), 1.0)) for j, key in enumerate(STATS)}
-    out["grad_norm"] = float(sums[1]) / (world * cfg.ppo_epochs * n_updates)  # every rank added the same norm
-    out["loss"] = float(sums[2]) / (cfg.ppo_epochs * n_updates)  # each rank's share of the mini-batch loss
-    return out
-
-
-def has_gradient(advantages: torch.Tensor, loss_cfg: LossConfig) -> bool:
-    """Whether an episode's loss can have a non-zero gradient: some advantage is non-zero, or the KL term is on."""
-    return loss_cfg.kl_coef > 0 or bool(advantages.any())
-
-
-def mini_batch_update(model, optimizer, params, eps, advs, old_lps, ref_lps, totals, loss_cfg, cfg: Config, pad_id,
-                      device):
-    """One optimizer update over this rank's share of a mini-batch, accumulated over micro-batches. `totals`:
-    the mini-batch's (tokens, sequences) over all ranks, for the loss weights."""
-    bf16 = cfg.dtype == "bfloat16"
-    lens = [int(sum(e.loss_mask)) for e in eps]
-    n_tokens, n_seqs = totals
-    slices = micro_slices(len(eps), cfg.micro_batch_size, model)
-    sums = torch.zeros(3 + len(STATS), dtype=torch.float64)
-    for k, sl in enumerate(slices):
-        if is_fsdp(model):  # accumulate locally, reduce-scatter once, after the last micro-batch
-            model.set_requires_gradient_sync(k == len(slices) - 1)
-        if sl.start == sl.stop:
-            (dummy_hidden(model, pad_id, device, bf16).sum() * 0).backward()
-            continue
-        ids, attn, sel = pack(eps[sl], pad_id, device)
-        h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
-        w = loss_weights(lens[sl], loss_cfg.agg, int(n_tokens), int(n_seqs), loss_cfg.norm_len)
-        cat = lambda xs: torch.cat(xs[sl]).to(device)  # noqa: E731
-        loss, stats = grpo_loss(h, head_weight(model), ids[:, 1:][sel], cat(old_lps), cat(advs), w.to(device),
-                                loss_cfg, ref_logprobs=None if ref_lps is None else cat(ref_lps))
-        loss.backward()
-        n = float(sel.sum())
-        sums[0] += n
-        sums[2] += loss.item()
-        sums[3:] += torch.tensor([float(stats[key]) * n for key in STATS], dtype=torch.float64)
-    for p in params:  # a rank (or a mini-batch) with nothing to train still takes its AdamW step, on zeros
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if not is_fsdp(model) and dist.is_initialized():  # data parallel: one all-reduce (a sum) of every gradient
-        grads = [p.grad for p in params]
-        flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]))
-        for p, g in zip(params, flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    sums[1] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sums
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Evaluation and metrics
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sampler, rank: int):
-    """`save_pretrained` folder + tokenizer + optimizer + sampler + per-rank RNG, written to a temporary
-    folder and renamed, so an interrupted save never leaves a broken latest checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)
-    osd = get_optimizer_state_dict(model, optimizer, options=opts)
-    final, tmp = run_dir / f"ckpt-{step:06d}", run_dir / f".tmp-ckpt-{step:06d}"
-    if rank == 0:
-        model.save_pretrained(tmp, state_dict=msd)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": osd, "sampler": sampler.rng.getstate()}, tmp / "trainer_state.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        tmp.rename(final)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted(run_dir.glob("ckpt-*"))
-    return ckpts[-1] if ckpts else None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def evaluate(model, tokenizer, cfg: Config, user, rank: int, world: int) -> dict:
+def evaluate(t: Trainer) -> dict:
     """Greedy episodes on the held-out test tasks, without the reward shown to the agent (the paper's eval
     setting). Per gym: the mean episode score; overall: the item-weighted mean (as the paper's Avg)."""
-    names = [g for g in cfg.eval_gyms.split(",") if g in envs.GYMS]
-    tasks = [(g, t) for g in names for t in envs.load_tasks(g, "test", cfg.data_dir or None)[: cfg.eval_tasks or None]]
-    eval_cfg = dataclasses.replace(cfg.rollout, greedy=True, show_reward=False, eval_mode=True)
-    eps = rollout(model, tokenizer, tasks[rank::world], 1, eval_cfg, user=user)
-    local = [(e.gym, e.info["score"]) for e in eps if not e.failed]
-    allr = [local]
-    if dist.is_initialized():
-        allr = [None] * world
-        dist.all_gather_object(allr, local)
+    rank, world, _ = t.ranks
+    if t.rollout_model is not t.model:
+        distributed.sync_rollout_weights(t.rollout_model, t.model)
+    eval_cfg = dataclasses.replace(t.cfg.rollout, greedy=True, show_reward=False, eval_mode=True)
+    mine = t.test_tasks[rank::world]
+    eps = rollout(t.rollout_model, t.tokenizer, mine, 1, eval_cfg, user=t.user) if mine else []
     per = {}
-    for gym, s in (x for r in allr for x in r):
-        per.setdefault(gym, []).append(s)
+    for results in distributed.gather([(e.gym, e.info["score"]) for e in eps if not e.failed]):
+        for gym, score in results:
+            per.setdefault(gym, []).append(score)
     out = {f"eval/{g}": float(np.mean(v)) for g, v in sorted(per.items())}
     n = sum(len(v) for v in per.values())
     out["eval/avg"] = float(sum(sum(v) for v in per.values()) / max(n, 1))
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Metrics
+# Why a user call failed, from users.UserError's message (metrics count failed/<reason>).
+FAILURE_REASONS = (("timeout", r"no reply within"), ("connection", r"connection failed"), ("rate_limit", r"HTTP 429"),
+                   ("server_error", r"HTTP 5\d\d"), ("client_error", r"HTTP 4\d\d"), ("malformed", r"malformed"))
 
 
-def episode_metrics(episodes, scores: list[float], advs: list[float], group_ids: list, world: int) -> dict:
-    """Per-step statistics over the episodes of every rank."""
-    rows = [(e.gym, sum(e.turn_rewards), e.failed, len(e.turn_rewards), int(sum(e.loss_mask)), e.info.get("end_reason"))
+def failure_reason(error: str) -> str:
+    return next((reason for reason, pattern in FAILURE_REASONS if re.search(pattern, error or "")), "other")
+
+
+def episode_metrics(episodes: list, scores: list, advantages: list, groups: list) -> dict:
+    """Per-step statistics over the episodes of every rank; failed episodes count only in failed_* and end/*."""
+    rows = [{"gym": e.gym, "reward": sum(e.turn_rewards), "failed": e.failed, "turns": len(e.turn_rewards),
+             "tokens": int(sum(e.loss_mask)), "end": e.info.get("end_reason"), "error": e.info.get("error")}
             for e in episodes]
-    groups = {}
-    for g, s in zip(group_ids, scores):
-        groups.setdefault(g, []).append(s)
-    local = {"rows": rows, "scores": list(zip([e.gym for e in episodes if not e.failed], scores)), "advs": advs,
-             "zero_std": [float(np.std(v) == 0) for v in groups.values()]}
-    allr = [local]
-    if dist.is_initialized():
-        allr = [None] * world
-        dist.all_gather_object(allr, local)
-    rows = [x for r in allr for x in r["rows"]]
-    ok = [r for r in rows if not r[2]]
-    scores = [x for r in allr for x in r["scores"]]
-    advs = [x for r in allr for x in r["advs"]]
-    zero = [x for r in allr for x in r["zero_std"]]
-    m = {"reward_mean": float(np.mean([r[1] for r in ok])) if ok else 0.0,
-         "score_mean": float(np.mean([s for _, s in scores])) if scores else 0.0,
-         "adv_mean": float(np.mean(advs)) if advs else 0.0, "adv_std": float(np.std(advs)) if advs else 0.0,
-         "adv_abs_max": float(np.max(np.abs(advs))) if advs else 0.0,
-         "frac_zero_std": float(np.mean(zero)) if zero else 0.0,
-         "response_tokens_mean": float(np.mean([r[4] for r in ok])) if ok else 0.0,
-         "turns_mean": float(np.mean([r[3] for r in ok])) if ok else 0.0,
-         "failed_episodes": sum(r[2] for r in rows)}
-    for gym in sorted({r[0] for r in ok}):
-        m[f"reward_mean/{gym}"] = float(np.mean([r[1] for r in ok if r[0] == gym]))
-        m[f"score_mean/{gym}"] = float(np.mean([s for g, s in scores if g == gym]))
-    for reason in sorted({r[5] for r in rows}):
-        m[f"end/{reason}"] = sum(r[5] == reason for r in rows)
+    by_group = {}
+    for g, s in zip(groups, scores):
+        by_group.setdefault(g, []).append(s)
+    ok = [r for r in rows if not r["failed"]]
+    local = {"rows": rows, "scores": [(r["gym"], s) for r, s in zip(ok, scores)],
+             "advs": [x for a in advantages for x in a], "zero_std": [float(np.std(v) == 0) for v in by_group.values()]}
+    every = distributed.gather(local)
+    rows, scores, advs, zero = ([x for r in every for x in r[key]] for key in ("rows", "scores", "advs", "zero_std"))
+    ok = [r for r in rows if not r["failed"]]
+    mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
+    m = {"reward_mean": mean([r["reward"] for r in ok]), "score_mean": mean([s for _, s in scores]),
+         "adv_mean": mean(advs), "adv_std": float(np.std(advs)) if advs else 0.0,
+         "adv_abs_max": float(np.max(np.abs(advs))) if advs else 0.0, "frac_zero_std": mean(zero),
+         "response_tokens_mean": mean([r["tokens"] for r in ok]), "turns_mean": mean([r["turns"] for r in ok]),
+         "failed_episodes": len(rows) - len(ok), "episodes": len(rows)}
+    for gym in sorted({r["gym"] for r in ok}):
+        m[f"reward_mean/{gym}"] = mean([r["reward"] for r in ok if r["gym"] == gym])
+        m[f"score_mean/{gym}"] = mean([s for g, s in scores if g == gym])
+    for reason in sorted({r["end"] for r in rows}, key=str):
+        m[f"end/{reason}"] = sum(r["end"] == reason for r in rows)
+    failed = [r for r in rows if r["failed"]]
+    for reason in sorted({failure_reason(r["error"]) for r in failed}):
+        m[f"failed/{reason}"] = sum(failure_reason(r["error"]) == reason for r in failed)
+    if failed:
+        m["failed_example"] = failed[0]["error"]
     return m
 
 
+def logprob_metrics(batch: Batch, entropies: list) -> dict:
+    """Over every generated token of every rank: the policy's entropy, and logprob_diff, the mean gap between
+    the recomputed old log-probs and the sampler's (bf16, KV cache: expect ~1e-2 in bf16, ~1e-6 in fp32)."""
+    sampled = [torch.tensor([lp for lp, m in zip(e.logprobs, e.loss_mask) if m]) for e in batch.episodes]
+    gaps = torch.cat([(a - b).abs() for a, b in zip(batch.old_logprobs, sampled)] + [torch.zeros(0)])
+    ent = torch.cat(entropies + [torch.zeros(0)])
+    s = distributed.all_reduce_sums({"tokens": len(ent), "entropy": float(ent.sum()), "gap": float(gaps.sum())})
+    return {"entropy": s["entropy"] / max(s["tokens"], 1.0), "logprob_diff": s["gap"] / max(s["tokens"], 1.0)}
+
+
+def print_step(m: dict, t: Trainer):
+    tqdm.write(f"step {m['step']:4d} | reward {m['reward_mean']:.3f} | score {m['score_mean']:.3f} | "
+               f"zero-std groups {m['frac_zero_std']:.2f} | grad norm {m['grad_norm']:.3g} | "
+               f"time gen {m['time_generate']:.1f}s user {m['time_user']:.1f}s "
+               f"logprob {m['time_logprob']:.1f}s update {m['time_update']:.1f}s")
+    for key in sorted(k for k in m if k.startswith("eval/")):
+        tqdm.write(f"    {key:24s} {m[key]:.3f}")
+    if m["failed_episodes"] * 2 > m["episodes"]:  # a batch this biased is not worth much: say so where it is seen
+        where = f"endpoint {t.user.base_url}" if t.cfg.user.backend == "http" else f"{t.cfg.user.backend} user"
+        reasons = ", ".join(f"{k[len('failed/'):]} {v}" for k, v in m.items() if k.startswith("failed/"))
+        tqdm.write(f"warning: step {m['step']}: {m['failed_episodes']} of {m['episodes']} episodes failed "
+                   f"({where}): {reasons}; e.g. {m['failed_example'][:300]}")
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The loop
+# Set-up and the loop
 
 
-def train(cfg: Config, task_pool: dict | None = None) -> Path:
-    """Run `cfg.steps` GRPO steps (or continue a run); returns the run folder. `task_pool` ({gym: [task]})
-    replaces the data files, for tests with toy gyms."""
-    rank, world, device = setup_distributed(cfg)
-    if cfg.batch_size % world or cfg.mini_batch_size % world:
-        raise ConfigError(f"--batch_size ({cfg.batch_size}) and --mini_batch_size ({cfg.mini_batch_size}) must be "
-                          f"multiples of the number of ranks ({world}): a group never spans ranks")
-    run_dir = Path(cfg.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        raise ConfigError(f"--resume: {run_dir} has no checkpoint yet")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        print(json.dumps(dataclasses.asdict(cfg)))
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks) -> Trainer:
+    """Everything before the first step: seeds, the user, the models (from the latest checkpoint on --resume),
+    the optimizer; then config.json (on resume: the resume log, and the logs cut back to the checkpoint)."""
+    rank, world, device = ranks
+    ckpt = checkpoints.latest_checkpoint(run_dir) if cfg.resume else None
     seed_everything(cfg.seed + rank)
-    weights = cfg.gyms or {g: 1.0 for g in (task_pool or envs.GYMS)}
-    sampler = TaskSampler(weights, cfg.data_dir, cfg.seed, pool=task_pool)
-    user = make_user(cfg.user)
-
+    sampler = TaskSampler(tasks.train, cfg.gyms or {g: 1.0 for g in tasks.train}, cfg.seed)
+    user = users.from_config(cfg.user)
     model, tokenizer = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
-    model.to(device)
+    model.to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bf16 = cfg.dtype == "bfloat16"
-    # Rollouts decode token by token: they get their own full, unsharded copy of the weights (bf16 when training
-    # in bf16; under FSDP always, since a sharded model would all-gather every layer for every token).
-    rollout_model = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval() if bf16 or cfg.fsdp else None
+    rollout_model = model
+    if bf16 or cfg.fsdp:
+        rollout_model = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval()
     if cfg.fsdp:
-        shard(model, cfg)
+        distributed.shard(model, bf16)
     ref_model = None
     if cfg.loss.kl_coef > 0:  # loaded only when the KL term is on (off in the paper's recipe)
         ref_model, _ = load_model(cfg.model, seed=cfg.seed)
@@ -595,87 +626,62 @@ def train(cfg: Config, task_pool: dict | None = None) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if ckpt:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        state = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)
         sampler.rng.setstate(state["sampler"])
-        set_rng_state(torch.load(ckpt / f"rng-rank{rank}.pt", weights_only=False))
         start = state["step"]
-        if rank == 0:  # drop metrics of steps after the checkpoint: they are about to be redone
-            mpath = run_dir / "metrics.jsonl"
-            if mpath.exists():
-                lines = [ln for ln in mpath.read_text().splitlines() if json.loads(ln).get("step", 0) <= start]
-                mpath.write_text("".join(ln + "\n" for ln in lines))
-            print(f"resumed {run_dir} from {ckpt.name} (step {start})")
-    pad_id = tokenizer.pad_token_id
     if rank == 0:
+        config = dataclasses.asdict(cfg) | {"out_dir": str(run_dir)}
+        changes = checkpoints.start_run(run_dir, config, start if cfg.resume else None)
         n = sum(p.numel() for p in model.parameters())
         print(f"run folder {run_dir} | model {cfg.model} ({n:,} parameters) | {world} rank(s) on {device} | "
               f"gyms {sorted(sampler.pool)} | user {cfg.user.backend}")
+        if cfg.resume:
+            print(f"resumed from {ckpt.name if ckpt else 'the start (no checkpoint yet)'} at step {start}; "
+                  f"changed by this command: {', '.join(changes) or 'nothing'} (see resume-log.jsonl)")
+    return Trainer(cfg=cfg, run_dir=run_dir, ranks=ranks, model=model, rollout_model=rollout_model, ref_model=ref_model,
+                   tokenizer=tokenizer, optimizer=optimizer, sampler=sampler, test_tasks=tasks.test, user=user,
+                   start=start)
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="steps", disable=rank != 0)
-    for step in bar:
-        t0 = time.perf_counter()
-        # 1. sample the global batch (identical on every rank) and take this rank's slice of it
-        tasks = sampler.sample(cfg.batch_size)[rank::world]
-        # 2. roll out a group of episodes per task against the simulated user
-        if rollout_model is not None:
-            sync_rollout_weights(rollout_model, model)
-        model.eval()
-        episodes, time_user, chunk = [], 0.0, cfg.rollout_tasks or len(tasks)
-        for i in range(0, len(tasks), chunk):  # a few tasks at a time bounds the KV cache's memory
-            stats = {}
-            episodes += rollout(rollout_model or model, tokenizer, tasks[i:i + chunk], cfg.group_size, cfg.rollout,
-                                user=user, stats=stats)
-            time_user += stats["time_env"]
-        model.train()
-        t_roll = time.perf_counter() - t0
-        # 3. scores and advantages per group (a group never spans ranks); failed episodes are left out
-        group_of = [i // cfg.group_size for i in range(len(episodes))]  # = the local task index
-        keep = [i for i, e in enumerate(episodes) if not e.failed]
-        eps = [episodes[i] for i in keep]
-        turn_lens = [[sum(e.loss_mask[a:b]) for a, b in e.turn_spans] for e in eps]
-        token_advs, traj_advs = rewards.compute_advantages(
-            [e.turn_rewards for e in eps], turn_lens, [group_of[i] for i in keep], score=cfg.score,
-            credit=cfg.credit, scheme=cfg.scheme, gamma=cfg.gamma, use_std=cfg.use_std, lam=cfg.lam)
-        scores = [rewards.trajectory_score(e.turn_rewards, cfg.score, cfg.gamma) for e in eps]
-        advs = [torch.tensor(a, dtype=torch.float32) for a in token_advs]
-        # 4. old (and reference) log-probs, recomputed with the training forward
-        t1 = time.perf_counter()
-        old, ent = recompute_logprobs(model, eps, cfg, pad_id, device)
-        ref = recompute_logprobs(ref_model, eps, cfg, pad_id, device)[0] if ref_model is not None else None
-        sampled = [torch.tensor([lp for lp, m in zip(e.logprobs, e.loss_mask) if m]) for e in eps]
-        gaps = torch.cat([(a - b).abs() for a, b in zip(old, sampled)] + [torch.zeros(0)])
-        ent = torch.cat(ent + [torch.zeros(0)])
-        n_tok, ent_sum, gap_sum = all_reduce(torch.tensor([len(ent), float(ent.sum()), float(gaps.sum())],
-                                                          dtype=torch.float64)).tolist()
-        t2 = time.perf_counter()
-        # 5. clipped-ratio updates
-        upd = update(model, optimizer, eps, [group_of[i] for i in keep], advs, old, ref, cfg, pad_id, device, world)
-        t3 = time.perf_counter()
-        # 6. log, transcripts, checkpoint, evaluation
-        m = {"step": step + 1, **episode_metrics(episodes, scores, [x for a in token_advs for x in a], [group_of[i] for i in keep], world),
-             **upd, "entropy": ent_sum / max(n_tok, 1.0), "logprob_diff": gap_sum / max(n_tok, 1.0), "time_generate": t_roll - time_user,
-             "time_user": time_user, "time_logprob": t2 - t1, "time_update": t3 - t2}
-        if cfg.transcripts and rank == 0:
-            write_transcripts(run_dir / "transcripts.jsonl", episodes[: cfg.transcripts], tokenizer, append=True)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(run_dir, step + 1, model, tokenizer, optimizer, sampler, rank)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            if rollout_model is not None:
-                sync_rollout_weights(rollout_model, model)
-            m.update(evaluate(rollout_model or model, tokenizer, cfg, user, rank, world))
-        m["time_step"] = time.perf_counter() - t0
-        if rank == 0:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
-            tqdm.write(f"step {step + 1:4d} | reward {m['reward_mean']:.3f} | score {m['score_mean']:.3f} | "
-                       f"zero-std groups {m['frac_zero_std']:.2f} | grad norm {m['grad_norm']:.3g} | "
-                       f"time gen {m['time_generate']:.1f}s user {m['time_user']:.1f}s "
-                       f"logprob {m['time_logprob']:.1f}s update {m['time_update']:.1f}s")
-            for key in sorted(k for k in m if k.startswith("eval/")):
-                tqdm.write(f"    {key:24s} {m[key]:.3f}")
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; its message says where the run stopped and how to continue it."""
+
+
+def train(cfg: Config, task_pool: dict | None = None) -> Path:
+    """Run `cfg.steps` GRPO steps (or continue a run); returns the run folder. `task_pool` ({gym: [task]})
+    replaces the training data files, for tests with toy gyms."""
+    tasks = check_before_work(cfg, task_pool)
+    ranks = distributed.setup(cfg.device)
+
+    def claim():
+        path = Path(cfg.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        return path, checkpoints.open_run(path, resume=bool(cfg.resume))
+
+    run_dir, note = distributed.on_rank0(claim)  # one folder for all ranks, claimed once
+    if note:
+        print(note)
+    n = None
+    try:
+        t = set_up(cfg, run_dir, tasks, ranks)
+        bar = tqdm(range(t.start + 1, cfg.steps + 1), initial=t.start, total=cfg.steps, desc="steps",
+                   disable=ranks.rank != 0)
+        for n in bar:
+            m = step(t, n)
+            if ranks.rank == 0:
+                print_step(m, t)
+    except KeyboardInterrupt:
+        ckpt = checkpoints.latest_checkpoint(run_dir)
+        if n is None:
+            where = "interrupted while setting up"
+        else:
+            where = f"interrupted during step {n} of {cfg.steps} (" + (
+                f"last checkpoint {ckpt.name}" if ckpt else "no checkpoint yet: it starts again from step 1") + ")"
+        how = f"continue with: python train.py --resume {run_dir}" if (run_dir / "config.json").exists() else \
+            "nothing was written"
+        raise Interrupted(f"{where}; {how}") from None
+    finally:
+        if ranks.rank == 0:
+            checkpoints.release(run_dir)
     return run_dir
 
 
@@ -684,15 +690,20 @@ def main(argv: list[str]):
     try:
         cfg = parse_config(argv)
         run_dir = train(cfg)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    if cfg.model == "tiny" and cfg.user.backend == "scripted" and (not dist.is_initialized() or dist.get_rank() == 0):
+        demo = cfg.model == "tiny" and cfg.user.backend == "scripted" and distributed.rank() == 0
+    except (ConfigError, DataError) as e:
+        kind = "config" if isinstance(e, ConfigError) else "data"
+        sys.exit(f"{kind} error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # every rank has the same line
+    except (Interrupted, KeyboardInterrupt) as e:  # one line, not a traceback
+        print(str(e) or "interrupted before the run started; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        distributed.teardown()
+    if demo:
         print(f"\nDemo finished: metrics in {run_dir}/metrics.jsonl, transcripts in {run_dir}/transcripts.jsonl.\n"
               "The tiny model is random, so its rewards mean nothing yet. The paper's recipe (8 GPUs, a simulated "
               "user behind an OpenAI-compatible endpoint):\n"
               "  torchrun --nproc_per_node 8 train.py --config configs/userrl-qwen3-4b.json")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
 import requests
@@ -180,17 +180,18 @@ def _assistant_message(r):
 
 
 @dataclass
-class HTTPUser:
-    """POST {base_url}/chat/completions, thread-safe, with at most `max_concurrency` requests in flight."""
+class HTTPSettings:
+    """The fields of an OpenAI-compatible endpoint's client: HTTPUser's, and (through UserConfig) train.py's
+    --user.* keys. One definition, so the trainer and the client cannot drift apart."""
 
     model: str = ""
-    """model name the server serves, e.g. Qwen/Qwen3-32B or gpt-4o"""
+    """http: the model name the server serves, e.g. Qwen/Qwen3-32B or gpt-4o; hf: a hub id or local folder"""
     base_url: str = ""
     """e.g. http://localhost:8000/v1; empty means $OPENAI_BASE_URL"""
     api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the key (sent as a Bearer token; none sent when it is unset)"""
+    """environment variable holding the key (sent as a Bearer token; none sent when it is unset; never logged)"""
     temperature: float = 0.0
-    """sampling temperature of the simulated user (the original uses 0)"""
+    """sampling temperature of the simulated user (the original's users and judges are greedy)"""
     max_tokens: int = 2048
     """reply length limit (the original's)"""
     timeout: float = 60.0
@@ -199,10 +200,15 @@ class HTTPUser:
     """retries after the first attempt, on timeouts, connection errors, 429, 5xx and malformed replies"""
     backoff: float = 1.0
     """seconds before the first retry, doubling after each (a Retry-After header can ask for longer)"""
-    max_concurrency: int = 32
-    """requests in flight at once from this object, across all threads that share it"""
+    max_concurrency: int = 64
+    """requests in flight at once from this client, across all threads that share it (per rank in training)"""
     extra_body: dict = field(default_factory=dict)
     """merged into every request, e.g. {"chat_template_kwargs": {"enable_thinking": false}} for Qwen3"""
+
+
+@dataclass
+class HTTPUser(HTTPSettings):
+    """POST {base_url}/chat/completions, thread-safe, with at most `max_concurrency` requests in flight."""
 
     def __post_init__(self):
         self.base_url = (self.base_url or os.environ.get("OPENAI_BASE_URL", "")).rstrip("/")
@@ -222,6 +228,26 @@ class HTTPUser:
     def _fail(self, message: str) -> UserError:
         key = self._key()
         return UserError(message.replace(key, "***") if key else message)
+
+    def probe(self, timeout: float = 10.0) -> list:
+        """Check once, before any work, that GET {base_url}/models answers and lists `model`; returns the served
+        names. Raises UserError naming the endpoint (never the key): a run against a dead endpoint would otherwise
+        "succeed" with every episode failed."""
+        url = self.base_url + "/models"
+        headers = {"Authorization": f"Bearer {self._key()}"} if self._key() else {}
+        try:
+            r = requests.get(url, headers=headers, timeout=timeout)
+        except requests.RequestException as e:
+            raise self._fail(f"cannot reach {url} ({type(e).__name__}): is the server running?") from None
+        if r.status_code != 200:
+            raise self._fail(f"{url} answered HTTP {r.status_code}: {r.text[:200]!r}")
+        try:
+            served = [m["id"] for m in r.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise self._fail(f"{url} did not answer with a model list: {r.text[:200]!r}") from None
+        if self.model not in served:
+            raise self._fail(f"{url} does not serve {self.model!r}; it serves {served[:20]}")
+        return served
 
     def complete(self, messages: list, tools: list | None = None, env=None) -> dict:
         """The assistant message (a dict with `content` and maybe `tool_calls`) the endpoint returns. `env` is
@@ -321,6 +347,27 @@ def make_user(backend: str = "scripted", **kwargs):
         return BACKENDS[backend](**kwargs)
     except TypeError as e:
         raise TypeError(f"{backend} user: {e}") from None
+
+
+@dataclass
+class UserConfig(HTTPSettings):
+    """The simulated user as a config (train.py's --user.*): a backend, HTTPUser's fields for http; the hf user
+    takes `model` and `max_tokens` (greedy, as the original's users)."""
+
+    backend: str = "scripted"
+    """scripted (offline rules), http (any OpenAI-compatible endpoint), hf (a transformers model in-process)"""
+    probe: bool = True
+    """http: check at start that GET {base_url}/models answers and serves `model`; false for endpoints that have
+    no /models route"""
+
+
+def from_config(cfg: UserConfig):
+    """The user a UserConfig describes; None for scripted (envs.make_env builds one per env)."""
+    if cfg.backend == "scripted":
+        return None
+    if cfg.backend == "hf":
+        return make_user("hf", model=cfg.model, max_new_tokens=cfg.max_tokens)
+    return make_user("http", **{f.name: getattr(cfg, f.name) for f in fields(HTTPSettings)})
 
 
 # ----------------------------------------------------------------------------------------------------------

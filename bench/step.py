@@ -8,8 +8,9 @@ The demo's random model never calls the tool, so every group has zero reward spr
 update (zero advantages, no gradient). To time an update, the other two setups play a stand-in gym: TravelGym's
 system prompt, a trip request, 3 turns, each turn's reward a coin flip, so groups have spread.
 Each setup runs `train.train` for 2 steps and reports the last (the first pays one-off costs; the 0.5B shape
-runs 1 step). The baseline, in the same run: the same steps with the update's fused chunked log-prob loss
-(grpo.grpo_loss) swapped for the naive one (full logits, log_softmax, gather: grpo.naive_grpo_loss). Fused and
+runs 1 step). The baseline, in the same run: the same steps with `--loss.fused false`, which runs the update with
+the naive loss (full logits, log_softmax, gather: grpo.naive_grpo_loss) instead of the fused chunked one
+(grpo.grpo_loss). Fused and
 naive runs alternate, twice (once with --quick), and each phase keeps its fastest time. The last line printed is
 one JSON object with the headline figures.
 """
@@ -27,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import envs  # noqa: E402
-import grpo  # noqa: E402
 import train  # noqa: E402
 from shapes import qwen05b_shape  # noqa: E402
 
@@ -61,23 +61,21 @@ COIN_TASKS = {CoinGym.name: [{"id": f"bench-{i}"} for i in range(8)]}
 
 def run_steps(argv: list[str], steps: int, model_fn=None, pool=None, naive: bool = False) -> dict:
     """`steps` steps of train.train with `argv`; the metrics of the last. `model_fn` replaces the model loader,
-    `pool` the task data."""
-    real_load, real_loss = train.load_model, train.grpo_loss
+    `pool` the task data; `naive` runs the update with the naive loss."""
+    real_load = train.load_model
     if pool is not None:
         envs.GYMS.update({name: CoinGym for name in pool})
         CoinGym.made = 0
     if model_fn is not None:
         train.load_model = lambda *a, **k: model_fn()
-    if naive:
-        train.grpo_loss = grpo.naive_grpo_loss
     try:
         with tempfile.TemporaryDirectory() as out:
             cfg = train.parse_config(["--out_dir", out, "--steps", str(steps), "--save_every", "0", "--transcripts", "0",
-                                      "--rollout.progress", "false", *argv])
+                                      "--rollout.progress", "false", "--loss.fused", str(not naive), *argv])
             run_dir = train.train(cfg, task_pool=pool)
             return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     finally:
-        train.load_model, train.grpo_loss = real_load, real_loss
+        train.load_model = real_load
         envs.GYMS.pop(CoinGym.name, None)
 
 

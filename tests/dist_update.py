@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import distributed  # noqa: E402
 import rewards  # noqa: E402
 import train  # noqa: E402
 from rollout import Episode  # noqa: E402
@@ -34,24 +34,23 @@ def fixed_episode(task: int, member: int, vocab: int) -> Episode:
 def main(out: str, fsdp: bool):
     cfg = train.parse_config(["--batch_size", str(TASKS), "--group_size", str(GROUP), "--mini_batch_size", "2",
                               "--micro_batch_size", "1", "--lr", "1e-3", "--ppo_epochs", "2", "--fsdp", str(fsdp)])
-    rank, world, device = train.setup_distributed(cfg)
+    rank, world, device = distributed.setup(cfg.device)
     model, tok = train.load_model("tiny", seed=0)
     if fsdp:
-        train.shard(model, cfg)
+        distributed.shard(model, bf16=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    local_tasks = list(range(TASKS))[rank::world]
-    eps = [fixed_episode(t, m, len(tok)) for t in local_tasks for m in range(GROUP)]
-    task_of = [j for j in range(len(local_tasks)) for _ in range(GROUP)]
+    mine = distributed.deal(TASKS, rank, world)  # global task indices, as train.step deals them
+    eps = [fixed_episode(t, m, len(tok)) for t in mine for m in range(GROUP)]
+    task_of = [t for t in mine for _ in range(GROUP)]
     turn_lens = [[sum(e.loss_mask[a:b]) for a, b in e.turn_spans] for e in eps]
     advs, _ = rewards.compute_advantages([e.turn_rewards for e in eps], turn_lens, task_of, credit="r2g")
-    advs = [torch.tensor(a) for a in advs]
-    old = [lp - 0.05 for lp in train.recompute_logprobs(model, eps, cfg, tok.pad_token_id, device)[0]]  # ratio != 1
-    stats = train.update(model, optimizer, eps, task_of, advs, old, None, cfg, tok.pad_token_id, device, world)
-    params = [(p.full_tensor() if fsdp else p).detach().clone() for p in model.parameters()]
+    batch = train.Batch(eps, task_of, [torch.tensor(a) for a in advs], tok.pad_token_id)
+    batch.old_logprobs = [lp - 0.05 for lp in train.recompute_logprobs(model, batch, cfg)[0]]  # ratio != 1
+    stats = train.update(model, optimizer, batch, cfg)
+    params = [distributed.full_tensor(p).detach().clone() for p in model.parameters()]
     if rank == 0:
         torch.save({"params": params, "stats": stats}, out)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Multi-process training on CPU with torchrun (gloo): two ranks make the same update as one process,
-with plain data parallel and with FSDP2 sharding (train.update)."""
+with plain data parallel and with FSDP2 sharding (train.update, distributed.py)."""
 import os
 import subprocess
 import sys

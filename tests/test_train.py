@@ -1,4 +1,5 @@
 """The training loop end to end: the demo, resume, a learning signal, and bad configs (train.py)."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,11 @@ import train
 import users
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMING = {"time_generate", "time_user", "time_logprob", "time_update", "time_step"}
+
+
+def untimed(m: dict) -> dict:
+    """A metrics line without its timings (which differ between runs)."""
+    return {k: v for k, v in m.items() if not k.startswith(("time_", "peak_mem_gb/"))}
 
 
 class CommaEnv(envs.Env):
@@ -60,7 +65,8 @@ def test_demo_command_runs_and_logs_every_field(tmp_path):
     assert "step    1" in p.stdout and "configs/userrl-qwen3-4b.json" in p.stdout
     m = read_metrics(tmp_path)[0]
     for key in ("step", "reward_mean", "score_mean", "frac_zero_std", "clip_frac", "grad_norm", "entropy",
-                "response_tokens_mean", "turns_mean", "failed_episodes", *TIMING):
+                "response_tokens_mean", "turns_mean", "failed_episodes", "time_generate", "time_user", "time_logprob",
+                "time_update", "time_step"):
         assert key in m, key
     assert any(k.startswith("reward_mean/") for k in m)
     assert {"eval/intention", "eval/telepathy", "eval/search", "eval/avg"} <= set(m)
@@ -78,11 +84,17 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     args = ["--lr", "1e-3", "--seed", "3"]
     full = train.train(small_cfg(tmp_path / "full", "--steps", "4", *args), task_pool=pool)
     part = train.train(small_cfg(tmp_path / "part", "--steps", "2", *args), task_pool=pool)
+    # as if stopped after step 3's lines were written but before its checkpoint, mid-way through a line
+    for name in ("metrics.jsonl", "transcripts.jsonl"):
+        with open(part / name, "a") as f:
+            f.write(json.dumps({"step": 3, "info": {"step": 3}}) + '\n{"step": 3, "rew')
     train.train(train.parse_config(["--resume", str(part), "--steps", "4"]), task_pool=pool)
     a, b = read_metrics(full), read_metrics(part)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
+    transcripts = [json.loads(line) for line in (part / "transcripts.jsonl").read_text().splitlines()]
+    assert [t["info"]["step"] for t in transcripts] == [1, 1, 2, 2, 3, 3, 4, 4]
     for x, y in zip(a, b):
-        assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
+        assert untimed(x) == untimed(y)
     ma, _ = train.load_model(str(full / "ckpt-000004"))
     mb, _ = train.load_model(str(part / "ckpt-000004"))
     assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
@@ -108,20 +120,27 @@ def test_grpo_raises_the_reward_of_a_toy_gym(tmp_path, monkeypatch):
     (["--data_dir", "/original"], "--gyms"),
     (["--rollout.max_turns", "0"], "--rollout"),
 ])
-def test_bad_config_fails_before_any_model_is_loaded(argv, needle, monkeypatch):
+def test_bad_config_fails_before_any_model_is_loaded(argv, needle, monkeypatch, tmp_path):
+    """The command itself: one `config error: --key` line, no model loaded, no run folder."""
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(train.ConfigError, match=needle):
-        train.parse_config(argv)
+    with pytest.raises(SystemExit) as e:
+        train.main([*argv, "--out_dir", str(tmp_path / "run")])
+    assert str(e.value.code).startswith(f"config error: {needle}"), e.value.code
+    assert not (tmp_path / "run").exists()
 
 
-def test_user_config_builds_every_backend(monkeypatch):
+def test_user_config_is_the_http_clients_own_fields_and_builds_every_backend(monkeypatch):
+    """One definition of the http user's fields and defaults (they once drifted: 64 vs 32 requests in flight)."""
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    assert train.make_user(train.UserConfig()) is None  # the envs build the scripted user
-    http = train.make_user(train.UserConfig(backend="http", model="m", base_url="http://127.0.0.1:9/v1",
-                                            extra_body={"top_k": 1}, max_concurrency=3))
+    client = {f.name: f.default for f in dataclasses.fields(users.HTTPUser) if f.default is not dataclasses.MISSING}
+    config = {f.name: f.default for f in dataclasses.fields(train.Config().user) if f.name in client}
+    assert config == client and len(client) >= 9
+    assert users.from_config(users.UserConfig()) is None  # the envs build the scripted user
+    http = users.from_config(users.UserConfig(backend="http", model="m", base_url="http://127.0.0.1:9/v1",
+                                              extra_body={"top_k": 1}, max_concurrency=3))
     assert (http.base_url, http.model, http.extra_body, http.max_concurrency) == ("http://127.0.0.1:9/v1", "m",
                                                                                   {"top_k": 1}, 3)
-    hf = train.make_user(train.UserConfig(backend="hf", model="tiny", max_tokens=7))
+    hf = users.from_config(users.UserConfig(backend="hf", model="tiny", max_tokens=7))
     assert hf.max_new_tokens == 7
 
 
@@ -168,12 +187,76 @@ def test_episodes_without_gradient_are_skipped_without_changing_the_update(monke
         eps = [fixed_episode(t, m, len(tok)) for t in range(2) for m in range(2)]
         advs = [torch.zeros(sum(e.loss_mask)) for e in eps[:2]] + [torch.full((sum(e.loss_mask),), s)
                                                                    for e, s in zip(eps[2:], (1.0, -1.0))]
-        old, _ = train.recompute_logprobs(model, eps, cfg, tok.pad_token_id, "cpu")
+        batch = train.Batch(eps, [0, 0, 1, 1], advs, tok.pad_token_id)
+        batch.old_logprobs, _ = train.recompute_logprobs(model, batch, cfg)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        stats = train.update(model, optimizer, eps, [0, 0, 1, 1], advs, old, None, cfg, tok.pad_token_id, "cpu", 1)
+        stats = train.update(model, optimizer, batch, cfg)
         results.append(([p.detach().clone() for p in model.parameters()], stats))
         monkeypatch.setattr(train, "hidden_states", real_hidden)
     assert calls.count(True) == 4 + 2 and calls.count(False) == 4 + 4  # 4 old-log-prob forwards, then 2 vs 4
     (skipped, s1), (full, s2) = results
     assert max(float((p - q).abs().max()) for p, q in zip(skipped, full)) < 1e-6
     assert abs(s1["grad_norm"] - s2["grad_norm"]) < 1e-5 * s2["grad_norm"]
+
+
+def test_each_episode_is_scored_once_per_step(tmp_path, monkeypatch):
+    import rewards
+
+    calls = []
+    real = rewards.SCORES["sum"]
+    monkeypatch.setitem(rewards.SCORES, "sum", lambda r, gamma: calls.append(1) or real(r, gamma))
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
+    train.train(small_cfg(tmp_path, "--steps", "1", "--save_every", "0"), task_pool={"comma": [{"id": "a"}]})
+    assert len(calls) == 2 * 4  # batch 2 x group 4
+
+
+def test_the_naive_loss_runs_with_fused_false_and_makes_the_same_update(tmp_path, monkeypatch):
+    """--loss.fused false trains with grpo.naive_grpo_loss (and never the fused one), to the same parameters."""
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
+    pool = {"comma": [{"id": f"d{i}"} for i in range(4)]}
+    used = []
+    for name in ("grpo_loss", "naive_grpo_loss"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
+    params, norms = {}, {}
+    for fused in ("true", "false"):
+        used.clear()
+        run_dir = train.train(small_cfg(tmp_path / fused, "--steps", "1", "--lr", "1e-2", "--loss.fused", fused,
+                                        "--batch_size", "4", "--group_size", "8", "--mini_batch_size", "4"),
+                              task_pool=pool)
+        assert set(used) == {"grpo_loss" if fused == "true" else "naive_grpo_loss"}
+        params[fused] = [p.detach() for p in train.load_model(str(run_dir / "ckpt-000001"))[0].parameters()]
+        norms[fused] = read_metrics(run_dir)[0]["grad_norm"]
+    assert abs(norms["true"] - norms["false"]) < 1e-5 * norms["true"] and norms["true"] > 0
+    # Adam's first step moves each parameter by about lr: rounding in the gradients may shift it by 1% of that
+    assert max(float((p - q).abs().max()) for p, q in zip(params["true"], params["false"])) < 1e-2 * 1e-2
+
+
+def test_the_sampling_temperature_reaches_the_old_logprobs_and_the_loss(tmp_path, monkeypatch):
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
+    seen = []
+    real_lp, real_loss = train.token_logprobs, train.grpo_loss
+    monkeypatch.setattr(train, "token_logprobs",
+                        lambda *a, **k: seen.append(("old", k["temperature"])) or real_lp(*a, **k))
+    monkeypatch.setattr(train, "grpo_loss",
+                        lambda *a, **k: seen.append(("loss", a[6].temperature)) or real_loss(*a, **k))
+    train.train(small_cfg(tmp_path, "--steps", "1", "--save_every", "0", "--rollout.temperature", "0.6",
+                          "--batch_size", "4", "--group_size", "8", "--mini_batch_size", "4"),
+                task_pool={"comma": [{"id": f"d{i}"} for i in range(4)]})
+    assert {kind for kind, _ in seen} == {"old", "loss"} and {temp for _, temp in seen} == {0.6}
+
+
+def test_peak_memory_per_phase_on_cuda(monkeypatch):
+    """On CUDA each phase logs its own peak (the counter is reset when the phase starts); on CPU nothing."""
+    peak = {"now": 0}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: peak.update(now=0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peak["now"])
+    m = {}
+    for name, used in (("rollout", 3 * 2 ** 30), ("logprob", 2 ** 29)):
+        with train.phase(m, name, torch.device("cuda", 0)):
+            peak["now"] = max(peak["now"], used)
+    assert (m["peak_mem_gb/rollout"], m["peak_mem_gb/logprob"]) == (3.0, 0.5) and m["time_rollout"] >= 0
+    with train.phase(m := {}, "update", torch.device("cpu")):
+        pass
+    assert list(m) == ["time_update"]
