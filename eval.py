@@ -32,12 +32,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import distributed
 import envs
 import rollout as rollout_lib
 import users
-from config import ConfigError, apply_args
+from config import ConfigError, apply_args, check_model
 from rollout import RolloutConfig
-from train import UserConfig, make_user
+from users import UserConfig
 
 
 @dataclass
@@ -101,11 +102,13 @@ def parse_config(argv: list[str]) -> EvalConfig:
     for key in ("tasks", "passes", "batch"):
         if getattr(cfg, key) < (0 if key == "tasks" else 1):
             raise ConfigError(f"--{key}: must be >= {0 if key == 'tasks' else 1}, got {getattr(cfg, key)}")
+    if cfg.model:
+        check_model("model", cfg.model)
     if cfg.dtype not in ("float32", "bfloat16") or cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--dtype / --device: expected float32|bfloat16 and auto|cpu|cuda, got {cfg.dtype!r}, "
                           f"{cfg.device!r}")
-    if cfg.user.backend not in ("scripted", "http", "hf"):
-        raise ConfigError(f"--user.backend: expected scripted, http or hf, got {cfg.user.backend!r}")
+    if cfg.user.backend not in users.BACKENDS:
+        raise ConfigError(f"--user.backend: expected one of {', '.join(users.BACKENDS)}, got {cfg.user.backend!r}")
     if cfg.user.backend != "scripted" and not cfg.user.model:
         raise ConfigError(f"--user.model: the {cfg.user.backend} user needs a model")
     try:
@@ -175,6 +178,38 @@ def evaluate(agent, tokenizer, tasks: list, cfg: RolloutConfig, user=None, passe
     work = [(g, t, p) for p in range(passes) for g, t in tasks]
     records = play(agent, tokenizer, work, cfg, user=user, batch=batch, seed=seed)
     return summarize(records), records
+
+
+def eval_settings(cfg: RolloutConfig) -> RolloutConfig:
+    """A training rollout config turned into the paper's evaluation settings (greedy, the gyms' eval rewards, no
+    reward shown), its limits kept."""
+    return dataclasses.replace(cfg, greedy=True, show_reward=False, eval_mode=True)
+
+
+def evaluate_ranks(model, tokenizer, tasks: list, cfg: RolloutConfig, user=None) -> dict:
+    """The results of `tasks` played once each, with the tasks dealt over the ranks of a process group (every rank
+    calls it and gets the same results): train.py's periodic evaluation and the recipe's."""
+    rank, world = distributed.rank(), len(distributed.gather(None))
+    mine = tasks[rank::world]
+    recs = play(model, tokenizer, [(g, t, 0) for g, t in mine], cfg, user=user) if mine else []
+    recs = [{k: v for k, v in r.items() if k != "messages"} for r in recs]  # the table needs no conversations
+    return summarize([r for part in distributed.gather(recs) for r in part])
+
+
+def log_eval(run_dir: Path, phase: str, step: int, results: dict):
+    """One line of RUN/evals.jsonl: {"phase", "step", "avg", "per_gym"}."""
+    with open(Path(run_dir) / "evals.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"phase": phase, "step": step, "avg": results["avg"], "per_gym": results["per_gym"]}) + "\n")
+
+
+def eval_metrics(results: dict) -> dict:
+    """The results as metrics.jsonl keys: eval/<gym> (score), eval/valid_calls/<gym>, eval/avg."""
+    out = {}
+    for gym, v in results["per_gym"].items():
+        out[f"eval/{gym}"] = v["score"]
+        out[f"eval/valid_calls/{gym}"] = v["valid_call_rate"]
+    out["eval/avg"] = results["avg"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,8 +346,12 @@ def run(cfg: EvalConfig) -> dict:
         with open(path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in recs))
 
-    records = kept + play(agent, tokenizer, work, cfg.rollout, user=make_user(cfg.user), batch=cfg.batch,
-                          seed=cfg.seed, on_records=append) if work else kept
+    try:
+        records = kept + play(agent, tokenizer, work, cfg.rollout, user=users.from_config(cfg.user), batch=cfg.batch,
+                              seed=cfg.seed, on_records=append) if work else kept
+    except KeyboardInterrupt:  # every finished batch is in episodes.jsonl
+        sys.exit(f"interrupted; {len(read_records(path))} episodes are in {path}: continue with the same command "
+                 f"and --out {out} --resume true")
     results = summarize(records)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(gym_table(results))

@@ -25,6 +25,7 @@ Simplifications, each one line:
   observation (an HTTP agent's skipped parallel calls get a placeholder, as in rollout.py).
 - Examples longer than `max_tokens` are dropped (and counted), not truncated: a cut episode teaches half a task.
 """
+import dataclasses
 import json
 import math
 import random
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+import distributed
 import rollout as rollout_lib
 from grpo import chunk_tokens, token_logprobs
 
@@ -263,9 +265,9 @@ class SFTSettings:
     warmup: float = 0.1
     """fraction of the steps spent warming up linearly (the original: 0.1)"""
     batch_size: int = 64
-    """conversations per optimizer step (the original: 64)"""
+    """conversations per optimizer step, over all ranks (the original: 64)"""
     micro_batch_size: int = 8
-    """conversations per forward/backward (gradient accumulation up to batch_size)"""
+    """conversations per forward/backward on one rank (gradient accumulation up to batch_size)"""
     weight_decay: float = 0.01
     grad_clip: float = 1.0
 
@@ -275,41 +277,139 @@ def total_steps(n_examples: int, s: SFTSettings) -> int:
 
 
 def batches_forever(lengths: list[int], batch_size: int, seed: int):
-    """Length-bucketed batches, epoch after epoch (a new shuffle each epoch)."""
+    """Length-bucketed batches, epoch after epoch (a new shuffle each epoch); the same on every rank."""
     rng = random.Random(seed)
     while True:
         yield from length_batches(lengths, batch_size, rng)
 
 
-def train_sft(model, examples: list, s: SFTSettings, pad_id: int, device, seed: int = 0, optimizer=None,
-              start: int = 0, on_step=None, chunk_mb: float = 0, bf16: bool = False) -> list[float]:
-    """Run SFT steps `start`..total on `examples` [(ids, loss_mask)]; returns each step's mean token loss. The loss
-    of a step is the mean over all its assistant tokens (token-mean over the whole batch, so micro-batching does
-    not change it). `on_step(step, stats)` is called after each optimizer step (logging, checkpoints)."""
+def train_sft(model, optimizer, examples: list, s: SFTSettings, pad_id: int, seed: int = 0, start: int = 0,
+              on_step=None, chunk_mb: float = 0, bf16: bool = False) -> list[float]:
+    """SFT optimizer steps `start`..total on `examples` [(ids, loss_mask)]; returns each step's mean token loss.
+
+    Every rank draws the same batch and trains on its share (every world-th conversation); each token's loss is
+    divided by the batch's token count over ALL ranks, and the gradients are summed over micro-batches and ranks
+    (distributed.py), so the update is the token-mean of the whole batch however it is cut. `on_step(step,
+    stats)` runs after each optimizer step (logging, checkpoints)."""
+    rank, world = distributed.rank(), len(distributed.gather(None))
+    device = next(model.parameters()).device
     total = total_steps(len(examples), s)
-    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     batches = batches_forever([len(x) for x, _ in examples], s.batch_size, seed)
-    for _ in range(start):  # a resumed run sees the batches it would have seen
+    for _ in range(start):  # a resumed run draws the batches it would have drawn
         next(batches)
     model.train()
     losses = []
     for step in range(start, total):
-        batch = [examples[i] for i in next(batches)]
-        n_tok = sum(sum(m[1:]) for _, m in batch)
+        batch = next(batches)
+        n_tok = sum(sum(examples[i][1][1:]) for i in batch)
+        mine = [examples[i] for i in batch[rank::world]]
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, s.lr, s.warmup)
         loss_sum = 0.0
-        for a in range(0, len(batch), s.micro_batch_size):
-            ids, attn, lmask = pad_batch(batch[a:a + s.micro_batch_size], pad_id, device)
+        slices = distributed.micro_slices(len(mine), s.micro_batch_size, model)
+        for k, sl in enumerate(slices):
+            distributed.set_gradient_sync(model, k == len(slices) - 1)
+            part = mine[sl] or [([pad_id, pad_id], [0, 0])]  # FSDP: a rank out of data still joins the forward
+            ids, attn, lmask = pad_batch(part, pad_id, device)
             loss = sft_loss_sum(model, ids, attn, lmask, chunk_mb, bf16) / max(n_tok, 1)
             loss.backward()
             loss_sum += loss.item()
-        norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.reduce_gradients(model, params)
+        norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, s.grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loss_sum = distributed.all_reduce_sums({"loss": loss_sum})["loss"]
         losses.append(loss_sum)
         if on_step is not None:
-            on_step(step + 1, {"sft_loss": loss_sum, "grad_norm": float(norm), "lr": optimizer.param_groups[0]["lr"],
-                               "tokens": n_tok})
+            on_step(step + 1, {"sft_loss": loss_sum, "grad_norm": norm, "lr": optimizer.param_groups[0]["lr"],
+                               "tokens": n_tok, "epoch": (step + 1) * s.batch_size / len(examples)})
     return losses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run (python train.py --algo sft; the recipe's first stage)
+
+
+def conversations_for(cfg, tasks, run_dir: Path, rank: int) -> list[dict]:
+    """The run's SFT data: --sft_data, or (when it is empty) `sft_expert_passes` expert episodes of every training
+    task, played now and written to RUN/expert-episodes.jsonl in eval.py's format (the same on every rank)."""
+    if cfg.sft_data:
+        return read_sft_data(cfg.sft_data, cfg.sft_min_score)
+    import eval as evaluation
+
+    work = [(g, t, p) for p in range(cfg.sft_expert_passes) for g in sorted(tasks.train) for t in tasks.train[g]]
+    records = evaluation.play("expert", None, work, evaluation.eval_settings(cfg.rollout), seed=cfg.seed)
+    path = run_dir / "expert-episodes.jsonl"
+    if rank == 0:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return [{"messages": r["messages"], "gym": r["gym"], "score": r["score"], "where": f"{path}: {r['gym']} "
+             f"{r['task_id']} pass {r['pass']}"} for r in records
+            if not r["failed"] and r["score"] >= cfg.sft_min_score]
+
+
+def run(cfg, run_dir: Path, tasks, ranks, at: dict):
+    """SFT in `run_dir` (train.py's in_run_folder claimed it): the model (from its latest checkpoint on --resume),
+    the data, then `train_sft` with one metrics.jsonl line per step, a checkpoint every `save_every` steps and at
+    the end (save_pretrained folders: the next stage's --model), an evaluation every `eval_every` steps and at the
+    end (RUN/evals.jsonl, phase "sft")."""
+    import checkpoints
+    import eval as evaluation
+    import users
+    from models import load_model
+
+    rank, world, device = ranks
+    ckpt = checkpoints.latest_checkpoint(run_dir) if cfg.resume else None
+    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    model, tokenizer = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    model.to(device).train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bf16 = cfg.dtype == "bfloat16"
+    if cfg.fsdp:
+        distributed.shard(model, bf16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
+    start = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)["step"] if ckpt else 0
+    examples, dropped = build_examples(tokenizer, conversations_for(cfg, tasks, run_dir, rank), cfg.sft_max_tokens)
+    if not examples:
+        raise SFTDataError(f"no SFT example left ({cfg.sft_data or 'expert episodes'}: {dropped} longer than "
+                           f"--sft_max_tokens {cfg.sft_max_tokens}, the rest failed or scored below --sft_min_score)")
+    s = SFTSettings(steps=cfg.sft_steps, epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup=cfg.sft_warmup,
+                    batch_size=cfg.sft_batch_size, micro_batch_size=cfg.micro_batch_size,
+                    weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    at["steps"] = total = total_steps(len(examples), s)
+    user = users.from_config(cfg.user) if cfg.eval_every else None
+    if rank == 0:
+        config = dataclasses.asdict(cfg) | {"out_dir": str(run_dir)}
+        checkpoints.start_run(run_dir, config, start if cfg.resume else None)
+        n_tok = sum(len(x) for x, _ in examples)
+        print(f"run folder {run_dir} | SFT of {cfg.model} | {len(examples)} conversations ({n_tok:,} tokens; "
+              f"{dropped} over {cfg.sft_max_tokens} left out) | {total} steps of {s.batch_size} | {world} rank(s)",
+              flush=True)
+
+    def on_step(n: int, stats: dict):
+        at["step"] = n
+        m = {"step": n, **stats}
+        if cfg.eval_every and (n % cfg.eval_every == 0 or n == total):
+            results = evaluation.evaluate_ranks(model, tokenizer, tasks.test, evaluation.eval_settings(cfg.rollout),
+                                                user=user)
+            m.update(evaluation.eval_metrics(results))
+            if rank == 0:
+                evaluation.log_eval(run_dir, "sft", n, results)
+            model.train()
+        if rank == 0:
+            checkpoints.append_step(run_dir, m, [], tokenizer)
+            if n % max(1, total // 10) == 0 or n == total:
+                print(f"sft step {n:5d}/{total} | loss {m['sft_loss']:.3f} | lr {m['lr']:.2e} | epoch "
+                      f"{m['epoch']:.2f}" + (f" | eval avg {evaluation.fmt(m['eval/avg'])}" if "eval/avg" in m else ""),
+                      flush=True)
+        if (cfg.save_every and n % cfg.save_every == 0) or n == total:
+            checkpoints.save_checkpoint(run_dir, n, model, tokenizer, optimizer, {}, rank)
+
+    at["step"] = start
+    train_sft(model, optimizer, examples, s, tokenizer.pad_token_id, seed=cfg.seed, start=start, on_step=on_step,
+              chunk_mb=cfg.loss.chunk_mb, bf16=bf16)

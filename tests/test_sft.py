@@ -105,7 +105,8 @@ def test_sft_lowers_the_loss_on_its_data(tiny):
     assert dropped == 0 and len(examples) == 6
     before = sft.mean_loss(model, examples, tok.pad_token_id, "cpu")
     s = sft.SFTSettings(steps=12, lr=1e-2, warmup=0.1, batch_size=3, micro_batch_size=2)
-    losses = sft.train_sft(model, examples, s, tok.pad_token_id, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
+    losses = sft.train_sft(model, optimizer, examples, s, tok.pad_token_id)
     after = sft.mean_loss(model, examples, tok.pad_token_id, "cpu")
     assert len(losses) == 12
     assert after < 0.6 * before, (before, after)
