@@ -8,8 +8,8 @@
 
 `--algo` picks what runs: `grpo` (the RL stage, below), `sft` (the cold start, sft.py), or `recipe` (recipe()
 below: evaluate the model -> SFT -> evaluate -> GRPO from the SFT model -> evaluate, the evaluations in
-RUN/evals.jsonl and a table of the three at the end). Without --config (and without --resume), configs/demo.json
-is the base the command line overrides: `python train.py` is the recipe on the tiny-demo model.
+RUN/evals.jsonl and a table of the three at the end). A command that names neither --config, --resume nor --algo
+runs configs/demo.json with its overrides: `python train.py` is the recipe on the tiny-demo model.
 
 One step (`step()` below; paper section 4) runs six phases, in this order:
   1. sample `batch_size` tasks from the gym mixture (every rank draws the same batch and rolls out its share)
@@ -811,8 +811,8 @@ def print_recipe_table(run_dir: Path):
 def main(argv: list[str]):
     transformers.utils.logging.disable_progress_bar()  # one tqdm bar per step is ours; no per-save bars
     named = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    if not named & {"--config", "--resume"}:
-        argv = ["--config", str(DEMO), *argv]  # the demo is the default recipe
+    if not named & {"--config", "--resume", "--algo"}:
+        argv = ["--config", str(DEMO), *argv]  # the demo is what a command that names no recipe runs
     try:
         cfg = parse_config(argv)
         {"grpo": train, "sft": run_sft, "recipe": recipe}[cfg.algo](cfg)
