@@ -25,6 +25,7 @@ Simplifications, each one line:
   observation (an HTTP agent's skipped parallel calls get a placeholder, as in rollout.py).
 - Examples longer than `max_tokens` are dropped (and counted), not truncated: a cut episode teaches half a task.
 """
+import copy
 import dataclasses
 import json
 import math
@@ -353,9 +354,9 @@ def conversations_for(cfg, tasks, run_dir: Path, rank: int) -> list[dict]:
 
 def run(cfg, run_dir: Path, tasks, ranks, at: dict):
     """SFT in `run_dir` (train.py's in_run_folder claimed it): the model (from its latest checkpoint on --resume),
-    the data, then `train_sft` with one metrics.jsonl line per step, a checkpoint every `save_every` steps and at
-    the end (save_pretrained folders: the next stage's --model), an evaluation every `eval_every` steps and at the
-    end (RUN/evals.jsonl, phase "sft")."""
+    the data, then `train_sft` with one metrics.jsonl line per step, a resumable checkpoint every `save_every`
+    steps, an evaluation every `eval_every` steps and at the end (RUN/evals.jsonl, phase "sft"), and RUN/final, the
+    Hugging Face folder that is the next stage's --model."""
     import checkpoints
     import eval as evaluation
     import users
@@ -365,11 +366,13 @@ def run(cfg, run_dir: Path, tasks, ranks, at: dict):
     ckpt = checkpoints.latest_checkpoint(run_dir) if cfg.resume else None
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
-    model, tokenizer = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)  # on resume, the checkpoint's weights replace these
     model.to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bf16 = cfg.dtype == "bfloat16"
+    # the export needs the whole model: under FSDP a full copy (bf16 with --dtype bfloat16), refreshed at the end
+    plain = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval() if bf16 or cfg.fsdp else model
     if cfg.fsdp:
         distributed.shard(model, bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
@@ -407,9 +410,15 @@ def run(cfg, run_dir: Path, tasks, ranks, at: dict):
                 print(f"sft step {n:5d}/{total} | loss {m['sft_loss']:.3f} | lr {m['lr']:.2e} | epoch "
                       f"{m['epoch']:.2f}" + (f" | eval avg {evaluation.fmt(m['eval/avg'])}" if "eval/avg" in m else ""),
                       flush=True)
-        if (cfg.save_every and n % cfg.save_every == 0) or n == total:
-            checkpoints.save_checkpoint(run_dir, n, model, tokenizer, optimizer, {}, rank)
+        if cfg.save_every and n % cfg.save_every == 0:
+            checkpoints.save_checkpoint(run_dir, n, model, optimizer, {}, rank, cfg.keep_last)
 
     at["step"] = start
     train_sft(model, optimizer, examples, s, tokenizer.pad_token_id, seed=cfg.seed, start=start, on_step=on_step,
               chunk_mb=cfg.loss.chunk_mb, bf16=bf16)
+    if start < total or not (run_dir / "final").exists():  # RUN/final: the next stage's --model
+        if plain is not model:
+            distributed.sync_rollout_weights(plain, model)
+        if rank == 0:
+            checkpoints.export_model(run_dir / "final", plain, tokenizer)
+        distributed.barrier()

@@ -180,7 +180,12 @@ class Config:
     """longer conversations are left out (the original's cutoff_len)"""
     # logging and checkpoints
     save_every: int = 1
-    """checkpoint every N steps (0 = never); the paper saves every step"""
+    """write a resumable checkpoint every N steps (0 = never): each rank's shard of the weights and AdamW state"""
+    keep_last: int = 2
+    """resumable checkpoints kept: older ones are deleted once a newer one is complete (0 = keep all)"""
+    export_every: int = 0
+    """export the policy as a Hugging Face folder (RUN/export-<step>, in the training dtype) every N steps;
+    0 = only RUN/final, written when the run reaches --steps"""
     eval_every: int = 0
     """evaluate every N steps (0 = never; the paper: 5)"""
     transcripts: int = 2
@@ -202,11 +207,12 @@ def parse_config(argv: list[str]) -> Config:
     if resume:
         if cfg.model != run_model:
             raise ConfigError(f"--model: a resumed run continues from its latest checkpoint's weights, so --model "
-                              f"{cfg.model} would be ignored; to start a new run from those weights, pass "
-                              f"--model {resume}/ckpt-N and a new --out_dir")
+                              f"{cfg.model} would be ignored; to start a new run from its weights, pass "
+                              f"--model {resume}/final (or an export-N folder) and a new --out_dir")
         if cfg.out_dir != run_dir and Path(cfg.out_dir).resolve() != Path(resume).resolve():
             raise ConfigError(f"--out_dir: a resumed run stays in its folder ({resume})")
         cfg.out_dir = resume
+        checkpoints.check_resumable(Path(resume))
     cfg.loss.temperature = 1.0 if cfg.rollout.greedy else cfg.rollout.temperature  # see TrainLossConfig
     validate(cfg)
     return cfg
@@ -224,7 +230,8 @@ def validate(cfg: Config):
     check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
     check(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
     check(cfg.grad_clip > 0, "grad_clip", f"must be > 0, got {cfg.grad_clip}")
-    for key in ("steps", "rollout_tasks", "save_every", "eval_every", "eval_tasks", "transcripts"):
+    for key in ("steps", "rollout_tasks", "save_every", "keep_last", "export_every", "eval_every", "eval_tasks",
+                "transcripts"):
         check(getattr(cfg, key) >= 0, key, f"must be >= 0, got {getattr(cfg, key)}")
     for key in ("batch_size", "group_size", "mini_batch_size", "micro_batch_size", "ppo_epochs"):
         check(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
@@ -368,9 +375,21 @@ def step(t: Trainer, n: int) -> dict:
     if rank == 0:
         checkpoints.append_step(t.run_dir, m, episodes[: cfg.transcripts], t.tokenizer)
     if cfg.save_every and n % cfg.save_every == 0:
-        checkpoints.save_checkpoint(t.run_dir, n, t.model, t.tokenizer, t.optimizer,
-                                    {"sampler": t.sampler.rng.getstate()}, rank)
+        checkpoints.save_checkpoint(t.run_dir, n, t.model, t.optimizer, {"sampler": t.sampler.rng.getstate()}, rank,
+                                    cfg.keep_last)
+    if cfg.export_every and n % cfg.export_every == 0 and n < cfg.steps:  # the last step's export is RUN/final
+        export(t, f"export-{n:06d}")
     return m
+
+
+def export(t: Trainer, name: str):
+    """The policy as a Hugging Face folder RUN/<name> in the training dtype. The rollout copy holds exactly that
+    (unsharded, bf16 with --dtype bfloat16), so refreshing it is the gather FSDP needs; rank 0 writes it."""
+    if t.rollout_model is not t.model:
+        distributed.sync_rollout_weights(t.rollout_model, t.model)
+    if t.ranks.rank == 0:
+        checkpoints.export_model(t.run_dir / name, t.rollout_model, t.tokenizer)
+    distributed.barrier()
 
 
 @contextmanager
@@ -641,14 +660,15 @@ def seed_everything(seed: int):
 
 
 def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks) -> Trainer:
-    """Everything before the first step: seeds, the user, the models (from the latest checkpoint on --resume),
-    the optimizer; then config.json (on resume: the resume log, and the logs cut back to the checkpoint)."""
+    """Everything before the first step: seeds, the user, the models, the optimizer, and on --resume the latest
+    checkpoint's state loaded into them; then config.json (on resume: the resume log, and the logs cut back to the
+    checkpoint)."""
     rank, world, device = ranks
     ckpt = checkpoints.latest_checkpoint(run_dir) if cfg.resume else None
     seed_everything(cfg.seed + rank)
     sampler = TaskSampler(tasks.train, cfg.gyms or {g: 1.0 for g in tasks.train}, cfg.seed)
     user = users.from_config(cfg.user)
-    model, tokenizer = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)  # on resume, the checkpoint's weights replace these
     model.to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -666,6 +686,8 @@ def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks) -
     start = 0
     if ckpt:
         state = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)
+        for group in optimizer.param_groups:  # the checkpoint's values came back with it: an override must count
+            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
         sampler.rng.setstate(state["sampler"])
         start = state["step"]
     if rank == 0:
@@ -679,6 +701,9 @@ def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks) -
         if cfg.resume:
             print(f"resumed from {ckpt.name if ckpt else 'the start (no checkpoint yet)'} at step {start}; "
                   f"changed by this command: {', '.join(changes) or 'nothing'} (see resume-log.jsonl)")
+            if ckpt and state["world"] != world:
+                print(f"note: {ckpt.name} was written by {state['world']} rank(s), this run has {world}: the weights "
+                      "and optimizer state are resharded; ranks without a saved random state keep their seed")
     return Trainer(cfg=cfg, run_dir=run_dir, ranks=ranks, model=model, rollout_model=rollout_model, ref_model=ref_model,
                    tokenizer=tokenizer, optimizer=optimizer, sampler=sampler, test_tasks=tasks.test, user=user,
                    start=start)
@@ -743,6 +768,8 @@ def train(cfg: Config, task_pool: dict | None = None) -> Path:
             m = step(t, n)
             if ranks.rank == 0:
                 print_step(m, t)
+        if t.start < cfg.steps or not (run_dir / "final").exists():
+            export(t, "final")
 
     return in_run_folder(cfg, task_pool, loop)
 
@@ -761,9 +788,10 @@ def recipe(cfg: Config, task_pool: dict | None = None) -> Path:
     GRPO from the SFT model -> evaluate, then print the table of the three (per gym: score and valid-call rate).
 
     RUN/evals.jsonl gets one line per evaluation ({"phase": "untrained" | "sft" | "grpo", "step", "avg",
-    "per_gym"}, GRPO's periodic ones included). The SFT phase is a run of its own in RUN/sft (its checkpoint is the
-    GRPO phase's --model); the GRPO phase is the run in RUN itself (RUN/config.json, metrics.jsonl, checkpoints),
-    so `--algo grpo --resume RUN` continues it. `--sft_steps 0` skips SFT: GRPO starts from `cfg.model`."""
+    "per_gym"}, GRPO's periodic ones included). The SFT phase is a run of its own in RUN/sft (its export RUN/sft/final
+    is the GRPO phase's --model); the GRPO phase is the run in RUN itself (RUN/config.json, metrics.jsonl,
+    checkpoints, RUN/final), so `--algo grpo --resume RUN` continues it. `--sft_steps 0` skips SFT: GRPO starts
+    from `cfg.model`."""
     run_dir = Path(cfg.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if checkpoints.holds_run(run_dir) or (run_dir / "evals.jsonl").exists() or (run_dir / "sft").exists():
         raise ConfigError(f"--out_dir: {run_dir} already holds a run; choose another --out_dir")
@@ -787,9 +815,8 @@ def recipe(cfg: Config, task_pool: dict | None = None) -> Path:
     if cfg.sft_steps != 0:
         sft_dir = run_sft(dataclasses.replace(cfg, algo="sft", out_dir=str(run_dir / "sft"), eval_every=0, save_every=0),
                           task_pool)
-        ckpt = checkpoints.latest_checkpoint(sft_dir)
-        start = str(ckpt)
-        evaluate_model(start, "sft", int(ckpt.name.split("-")[-1]))
+        start = str(sft_dir / "final")
+        evaluate_model(start, "sft", json.loads((sft_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"])
     train(dataclasses.replace(cfg, algo="grpo", model=start, out_dir=str(run_dir), eval_every=cfg.eval_every or cfg.steps),
           task_pool)
     if rank == 0:

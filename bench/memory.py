@@ -221,6 +221,17 @@ def peaks(items: list[Item]) -> dict:
     return out
 
 
+def disk_gb(cfg, gpus: int, s: Shape) -> dict:
+    """Disk, from the shapes: one resumable checkpoint (checkpoints.save_checkpoint: fp32 weights and AdamW's two
+    fp32 moments, a tied weight once) and the part of it each GPU's rank writes (its FSDP2 shard; under data
+    parallel DCP deals the replicated tensors over the ranks); the --keep_last checkpoints kept; one Hugging Face
+    export (export-N, final) in the training dtype."""
+    ckpt = 12 * s.params
+    saved = cfg.steps // cfg.save_every if cfg.save_every else 0
+    return {"checkpoint": ckpt / GB, "checkpoint_per_gpu": ckpt / gpus / GB, "checkpoints_kept": ckpt / GB * min(
+            saved, cfg.keep_last or saved), "export": (2 if cfg.dtype == "bfloat16" else 4) * s.params / GB}
+
+
 def report(cfg, gpus: int, s: Shape, prompt_tokens: int, gpu_gb: float) -> dict:
     items, facts = plan(cfg, gpus, s, prompt_tokens)
     print(f"model {s.name}: {s.params / 1e9:.2f}B parameters, hidden {s.hidden:,}, {s.layers} layers, "
@@ -242,9 +253,13 @@ def report(cfg, gpus: int, s: Shape, prompt_tokens: int, gpu_gb: float) -> dict:
     worst = max(PHASES, key=lambda p: pk[p])
     fits = pk["total"] <= gpu_gb
     print(f"\npeak {pk['total']:.1f} GB in phase {worst}: {'fits' if fits else 'does NOT fit'} a {gpu_gb:g} GB GPU")
+    disk = disk_gb(cfg, gpus, s)
+    print(f"disk: a checkpoint {disk['checkpoint']:.2f} GB ({disk['checkpoint_per_gpu']:.2f} GB per GPU), "
+          f"{disk['checkpoints_kept']:.1f} GB for those kept (--keep_last {cfg.keep_last}); an export "
+          f"{disk['export']:.2f} GB ({cfg.dtype})")
     return {"config": None, "model": s.name, "gpus": gpus, "params_b": round(s.params / 1e9, 3),
             "peak_gb": {k: round(pk[k], 2) for k in ("startup", "rollout", "logprob", "update", "total")},
-            "gpu_gb": gpu_gb, "fits": fits}
+            "gpu_gb": gpu_gb, "fits": fits, "disk_gb": {k: round(v, 2) for k, v in disk.items()}}
 
 
 def main(argv=None):

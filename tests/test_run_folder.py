@@ -69,14 +69,18 @@ def test_a_live_lock_keeps_a_second_process_out_and_a_stale_one_is_taken_over(tm
     assert not (run_dir / checkpoints.LOCK).exists()
 
 
-def test_resume_records_what_the_overrides_change_and_keeps_the_checkpoints_model(tmp_path, capsys):
+def test_resume_records_what_the_overrides_change_and_keeps_the_checkpoints_model(tmp_path, capsys, monkeypatch):
     run_dir = run(tmp_path / "run", "--lr", "1e-3", "--save_every", "1")
+    lrs, real = [], train.update
+    monkeypatch.setattr(train, "update", lambda model, opt, *a: lrs.append(opt.param_groups[0]["lr"]) or
+                        real(model, opt, *a))
     train.train(train.parse_config(["--resume", str(run_dir), "--steps", "2", "--lr", "2e-3"]), task_pool=POOL)
+    assert lrs == [2e-3]  # the override, not the lr saved with the optimizer state
     log = [json.loads(line) for line in (run_dir / "resume-log.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 1 and log[0]["changes"] == {"lr": [1e-3, 2e-3], "steps": [1, 2]}
     assert "lr 0.001 -> 0.002" in capsys.readouterr().out
     assert json.loads((run_dir / "config.json").read_text())["lr"] == 2e-3  # the next --resume continues from here
-    with pytest.raises(train.ConfigError, match="--model: a resumed run continues from its latest checkpoint"):
+    with pytest.raises(train.ConfigError, match=f"--model: a resumed run .* pass --model {run_dir}/final"):
         train.parse_config(["--resume", str(run_dir), "--model", "Qwen/Qwen3-4B"])
     with pytest.raises(train.ConfigError, match="--out_dir: a resumed run stays in its folder"):
         train.parse_config(["--resume", str(run_dir), "--out_dir", str(tmp_path / "elsewhere")])

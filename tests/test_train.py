@@ -73,14 +73,15 @@ def test_grpo_command_runs_and_logs_every_field(tmp_path):
     assert {"eval/intention", "eval/telepathy", "eval/search", "eval/avg"} <= set(m)
     assert "eval/avg" in p.stdout  # the per-gym eval table
     assert [json.loads(line)["phase"] for line in (tmp_path / "evals.jsonl").read_text().splitlines()] == ["grpo"]
-    assert (tmp_path / "ckpt-000001" / "trainer_state.pt").is_file()
+    assert (tmp_path / "ckpt-000001" / "trainer_state.pt").is_file() and (tmp_path / "final" / "config.json").is_file()
     assert (tmp_path / "transcripts.jsonl").stat().st_size > 0
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["group_size"] == 2 and cfg["rollout"]["max_new_tokens"] == 8
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
-    """Stop after step 2 and resume: steps 3-4 match an uninterrupted run (metrics and weights)."""
+    """Stop after step 2 and resume: steps 3-4 match an uninterrupted run (metrics and weights, read from each
+    run's final export: fp32, the trained weights as they are)."""
     monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
     pool = {"comma": [{"id": f"d{i}"} for i in range(8)]}
     args = ["--lr", "1e-3", "--seed", "3"]
@@ -97,8 +98,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert [t["info"]["step"] for t in transcripts] == [1, 1, 2, 2, 3, 3, 4, 4]
     for x, y in zip(a, b):
         assert untimed(x) == untimed(y)
-    ma, _ = train.load_model(str(full / "ckpt-000004"))
-    mb, _ = train.load_model(str(part / "ckpt-000004"))
+    ma, _ = train.load_model(str(full / "final"))
+    mb, _ = train.load_model(str(part / "final"))
     assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
 
 
@@ -227,7 +228,7 @@ def test_the_naive_loss_runs_with_fused_false_and_makes_the_same_update(tmp_path
                                         "--batch_size", "4", "--group_size", "8", "--mini_batch_size", "4"),
                               task_pool=pool)
         assert set(used) == {"grpo_loss" if fused == "true" else "naive_grpo_loss"}
-        params[fused] = [p.detach() for p in train.load_model(str(run_dir / "ckpt-000001"))[0].parameters()]
+        params[fused] = [p.detach() for p in train.load_model(str(run_dir / "final"))[0].parameters()]
         norms[fused] = read_metrics(run_dir)[0]["grad_norm"]
     assert abs(norms["true"] - norms["false"]) < 1e-5 * norms["true"] and norms["true"] > 0
     # Adam's first step moves each parameter by about lr: rounding in the gradients may shift it by 1% of that
