@@ -18,6 +18,7 @@ position (cos off by 1.6 at position 2,000), so the tokens would be sampled from
 trained (tests/test_models.py measures it).
 """
 import copy
+import functools
 import os
 from pathlib import Path
 
@@ -141,11 +142,16 @@ def prompt_blocks(render) -> list[str]:
 
 
 def build_demo_tokenizer(vocab_size: int = DEMO_VOCAB):
-    """The demo's tokenizer (about 3 s to build): a byte-level BPE trained on `demo_corpus()`, plus `prompt_blocks()`
-    as added tokens. A prompt is then its system turn as three tokens (two blocks around the turn limit) plus the
-    opening message (about 20 tokens, against 600 with the tiny tokenizer, whose 350-token tool block it never
-    saw), and a tool call's fixed JSON is three tokens, so the demo spends its CPU time on the words the agent
-    chooses."""
+    """The demo's tokenizer; trained once per process (about 3 s), each call gets its own copy."""
+    return copy.deepcopy(_demo_tokenizer(vocab_size))
+
+
+@functools.lru_cache(maxsize=2)
+def _demo_tokenizer(vocab_size: int):
+    """A byte-level BPE trained on `demo_corpus()`, plus `prompt_blocks()` as added tokens. A prompt is then its
+    system turn as three tokens (two blocks around the turn limit) plus the opening message (intention: 17 tokens,
+    against 561 with the tiny tokenizer, whose 350-token tool block it never saw), and a tool call's fixed JSON is
+    three tokens, so the demo spends its CPU time on the words the agent chooses, whole words as single tokens."""
     from tokenizers import AddedToken
 
     render = build_tiny_tokenizer()
