@@ -9,7 +9,8 @@ may set (a value derived from another key), each with the reason.
 
 `check_before_work(cfg)` then reads what the config needs from the machine: the device, the ranks, the models'
 names, every task file, the user endpoint. Each problem is one line (ConfigError naming the key, DataError naming
-the file), raised before the run folder exists and before any model loads.
+the file), raised before the run folder exists and before any model loads. `plan_ranks(cfg)` is the part about
+GPUs: how many ranks train on which GPUs, and which GPUs the user server gets (train.main launches by it).
 """
 import dataclasses
 import json
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-import torch
 import transformers
 
 import distributed
@@ -156,22 +156,26 @@ class Tasks:
     """(gym, task) pairs of the evaluation (empty when --eval_every is 0)"""
 
 
-def check_before_work(cfg, task_pool: dict | None = None) -> Tasks:
+def check_before_work(cfg, task_pool: dict | None = None, launching: bool = False) -> Tasks:
     """Everything train.Config `cfg` needs from this machine, checked; returns the tasks, loaded once here.
-    `task_pool` ({gym: [task]}) replaces the training data (tests with toy gyms)."""
-    world = distributed.launched_world_size()
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: cuda, but torch sees no GPU here (torch.cuda.is_available() is False); "
-                          "use --device cpu")
-    if cfg.fsdp and "RANK" not in os.environ:  # under torchrun one rank is fine: a group of one
-        raise ConfigError("--fsdp: FSDP2 shards the model over the ranks of a process group, and this process has "
-                          "none; start one rank per GPU with torchrun --nproc_per_node N train.py ..., or drop --fsdp")
-    if cfg.batch_size % world or cfg.mini_batch_size % world:
-        raise ConfigError(f"--batch_size ({cfg.batch_size}) and --mini_batch_size ({cfg.mini_batch_size}) must be "
-                          f"multiples of the number of ranks ({world}): a group never spans ranks")
-    resumed = cfg.resume and any(Path(cfg.resume).glob("ckpt-*"))
-    if not resumed or cfg.loss.kl_coef > 0:  # the policy starts from it, or the reference model is it
-        check_model("model", cfg.model)
+    `task_pool` ({gym: [task]}) replaces the training data (tests with toy gyms). Run by the process that starts
+    the run: `python train.py` (`launching` when it is about to start ranks) or each rank of an outside torchrun."""
+    if "RANK" in os.environ:  # a rank of torchrun --nproc_per_node N train.py ...
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if cfg.nproc and cfg.nproc != world:
+            raise ConfigError(f"--nproc: {cfg.nproc}, but torchrun started {world} rank(s); under torchrun its "
+                              "--nproc_per_node decides (or run python train.py --nproc N, which starts them)")
+        if cfg.user.serve_cmd:
+            raise ConfigError("--user.serve_cmd: under torchrun every rank would start a server; run python "
+                              "train.py (it starts the ranks and one server), or start the server yourself and "
+                              "pass --user.base_url")
+    else:
+        plan_ranks(cfg)
+        if cfg.fsdp and not launching:  # train.main launches FSDP runs as ranks (a group of one at least)
+            raise ConfigError("--fsdp: FSDP2 shards the model over the ranks of a process group, and this process "
+                              "has none; run python train.py (it starts them: one per GPU, or --nproc N) or "
+                              "torchrun --nproc_per_node N train.py ...")
+    check_model("model", cfg.model)  # also on resume: the model is built from it, then the checkpoint loaded in
     if cfg.user.backend == "hf":
         check_model("user.model", cfg.user.model)
     tasks = load_tasks(cfg, task_pool)
@@ -180,12 +184,40 @@ def check_before_work(cfg, task_pool: dict | None = None) -> Tasks:
             sft.read_sft_data(cfg.sft_data, cfg.sft_min_score)
         except sft.SFTDataError as e:
             raise DataError(f"--sft_data: {e}") from None
-    if cfg.user.backend == "http" and cfg.user.probe:
+    if cfg.user.backend == "http" and cfg.user.probe and not cfg.user.serve_cmd:  # a started server: probed then
         try:
             users.from_config(cfg.user).probe()
         except users.UserError as e:
             raise ConfigError(f"--user.base_url: {e} (--user.probe false skips this check)") from None
     return tasks
+
+
+def plan_ranks(cfg, visible: list[str] | None = None) -> distributed.Plan:
+    """How `python train.py` uses this machine, from the GPUs it sees (`visible`: distributed.visible_gpus()).
+    On GPUs (--device cuda, or auto with one visible) the user server gets the LAST --user.serve_gpus of them and
+    the ranks one each of the rest (--nproc of them; 0 = all); on the CPU, --nproc gloo ranks (0 = one process).
+    More than one rank, or --fsdp, means launching ranks through torch.distributed.run: FSDP2 needs a process
+    group, and one rank is a group of one."""
+    visible = distributed.visible_gpus() if visible is None else visible
+    if cfg.device == "cuda" and not visible:
+        raise ConfigError("--device: cuda, but torch sees no GPU here (torch.cuda.device_count() is 0); "
+                          "use --device cpu")
+    kept = cfg.user.serve_gpus
+    if kept > len(visible):
+        raise ConfigError(f"--user.serve_gpus: {kept} GPU(s) for the user server, but {len(visible)} visible here"
+                          + ("; use 0 on a machine without GPUs" if not visible else ""))
+    server, left = visible[len(visible) - kept:], visible[:len(visible) - kept]
+    if cfg.device == "cpu" or not visible:
+        nproc = cfg.nproc or 1
+        return distributed.Plan(nproc, nproc > 1 or cfg.fsdp, None, server)
+    if not left:
+        raise ConfigError(f"--user.serve_gpus: all {len(visible)} visible GPU(s) go to the user server and none is "
+                          "left to train on; keep fewer, or train on the CPU with --device cpu")
+    nproc = cfg.nproc or len(left)
+    if nproc > len(left):
+        raise ConfigError(f"--nproc: {nproc} ranks need one GPU each, but {len(left)} are left for training "
+                          f"({len(visible)} visible, {kept} kept for the user server)")
+    return distributed.Plan(nproc, nproc > 1 or cfg.fsdp, left[:nproc], server)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

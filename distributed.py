@@ -1,21 +1,35 @@
-"""Ranks for train.py: process-group set-up, FSDP2 sharding, reductions, micro-batch slices and the rollout copy's
-weights. Everything multi-process lives here, so train.py reads as one process's loop.
+"""Ranks for train.py: starting them, process-group set-up, FSDP2 sharding, reductions, dealing tasks to ranks and
+micro-batch slices. Everything multi-process lives here, so train.py reads as one process's loop.
 
-    torchrun --nproc_per_node 8 train.py --config configs/userrl-qwen3-4b.json     # 8 ranks, NCCL on GPUs
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 train.py --steps 2                # 2 gloo ranks on CPU
+    python train.py --config configs/userrl-qwen3-4b.json      # one rank per visible GPU (NCCL), started by train.py
+    python train.py --nproc 2 --steps 2                         # 2 gloo ranks on the CPU
+    torchrun --nproc_per_node 8 train.py --config ...           # also works: torchrun's ranks are used as they are
 
-Data parallel is the same loop on every rank plus one all-reduce (a sum) of the gradients per update, no DDP
+Starting ranks: `python train.py` without torchrun runs the checks, claims the run folder and starts the user
+server (if any) once, then re-runs itself through `torch.distributed.run --standalone` (`launch`), one rank per
+GPU it trains on (`--nproc N` to choose; on the CPU, N gloo ranks), as nanochat and verl start their workers. The
+ranks find the run folder and the server's address in their environment (RUN_DIR_ENV, USER_URL_ENV).
+
+Data parallel is the same loop on every rank plus an all-reduce (a sum) of the gradients per update, no DDP
 wrapper: the loss weights already divide by the GLOBAL token count (grpo.loss_weights), so summing gradients over
 micro-batches and ranks gives exactly the gradient one process would compute on the whole batch. `--fsdp true`
 shards parameters, gradients and optimizer state with FSDP2 `fully_shard` per decoder block, with the same sum
-reduction. Every rank draws the same global batch and rolls out its share of the tasks (`deal`), so a GRPO group
-never spans ranks and advantages need no communication. In one process every function here is the identity.
+reduction, reduce-scattered after every micro-batch. Every rank draws the same global batch and rolls out its
+share of the tasks (`deal`), so a GRPO group never spans ranks and advantages need no communication; any rank
+count works (a rank's share may be one task smaller than another's, or empty). In one process every function
+here is the identity.
 """
 import os
+from datetime import timedelta
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+RUN_DIR_ENV = "USERRL_RUN_DIR"
+"""set by `launch` for its ranks: the run folder, already claimed (locked) by the launching process"""
+USER_URL_ENV = "USERRL_USER_URL"
+"""set by `launch` for its ranks when it started the user server (--user.serve_cmd): the server's base URL"""
 
 
 class Ranks(NamedTuple):
@@ -24,22 +38,79 @@ class Ranks(NamedTuple):
     device: torch.device
 
 
-def launched_world_size() -> int:
-    """The number of ranks torchrun started (1 without torchrun); known before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", 1))
+class Plan(NamedTuple):
+    """How the launching process runs training on this machine (config.plan_ranks decides it)."""
+
+    nproc: int
+    """ranks that train"""
+    launch: bool
+    """start them through torch.distributed.run (more than one rank, or FSDP: a process group, maybe of one)"""
+    train_gpus: list | None
+    """the ranks' GPUs as CUDA_VISIBLE_DEVICES names them, one per rank; None on the CPU"""
+    server_gpus: list
+    """the user server's GPUs: the last --user.serve_gpus visible ones"""
 
 
-def setup(device: str) -> Ranks:
-    """This process's rank, the world size and its device. Under torchrun: NCCL on GPUs, gloo on CPU."""
+# ----------------------------------------------------------------------------------------------------------
+# Starting ranks
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them (indices or UUIDs); [] without a
+    GPU or without CUDA. Counting them does not initialise CUDA's allocator (see train.main)."""
+    n = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",")[:n] if listed is not None else [str(i) for i in range(n)]
+
+
+def launched_run_dir() -> str | None:
+    """The run folder when this process is a rank started by `launch` (the launching process checked the config,
+    claimed the folder and started the user server), else None."""
+    return os.environ.get(RUN_DIR_ENV) if "RANK" in os.environ else None
+
+
+def launch(entry: str, argv: list[str], nproc: int, env: dict) -> int:
+    """Run `python entry argv` as `nproc` ranks on this machine, exactly as `python -m torch.distributed.run
+    --standalone --nproc_per_node nproc entry argv` would (its code runs here, in this process), with `env` added to
+    the ranks' environment, and wait for them. Returns 0, or the exit status of the first rank that failed (its
+    own error is already printed). Ctrl-C or SIGTERM here reaches every rank (torch.distributed.run sends them the
+    signal, then SIGKILL after 30 s) and raises KeyboardInterrupt once they are gone."""
+    import logging
+
+    import torch.distributed.run as run
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    os.environ.update(env)  # the ranks inherit this process's environment
+    args = run.parse_args(["--standalone", "--nproc_per_node", str(nproc), entry])
+    args.training_script_args = list(argv)  # as they are: its parser would read --nproc as its own --nproc_per_node
+    for name in list(logging.root.manager.loggerDict):  # its "shutting down workers" warnings: the ranks say it
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        run.run(args)
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code  # a rank killed by signal s reports -s; a shell says 128 + s
+    except SignalException:
+        raise KeyboardInterrupt from None
+    return 0
+
+
+def setup(device: str, timeout_min: float) -> Ranks:
+    """This process's rank, the world size and its device. Under torchrun: NCCL on GPUs (bound to this rank's GPU,
+    so the communicator forms now and a broken one fails here), gloo on CPU. `timeout_min` is how long a rank
+    waits at a collective for the others: long, since a rank that finished its rollout waits there for the slowest
+    one (NCCL's default of 10 minutes would kill the job)."""
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
-        return Ranks(rank, world, torch.device("cuda", local))
-    return Ranks(rank, world, torch.device("cpu"))
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min),
+                                device_id=torch.device("cuda", local) if cuda else None)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return Ranks(rank, world, torch.device("cuda", local) if cuda else torch.device("cpu"))
 
 
 def rank() -> int:
@@ -47,14 +118,16 @@ def rank() -> int:
 
 
 def teardown():
+    """After a run that ended well; a rank that fails just exits (a barrier would wait for ranks that are gone)."""
     if dist.is_initialized():
         dist.barrier()  # no rank tears its group down while another still has collectives in flight
         dist.destroy_process_group()
 
 
 def deal(n_tasks: int, rank: int, world: int) -> list[int]:
-    """The indices (in the global batch) of the tasks this rank rolls out: every `world`-th, so each mini-batch
-    of consecutive tasks has the same share on every rank."""
+    """The indices (in the global batch) of the tasks this rank rolls out: every `world`-th. Each mini-batch of
+    consecutive tasks is spread as evenly as it can be (shares differ by at most one task, for any rank count;
+    a rank's share may be empty)."""
     return list(range(rank, n_tasks, world))
 
 
@@ -126,24 +199,38 @@ def is_fsdp(model) -> bool:
 
 
 def shard(model, bf16: bool):
-    """FSDP2: one shard group per decoder block plus the root (embeddings, final norm, lm_head)."""
+    """FSDP2 over every rank (an explicit 1-D device mesh): one shard group per decoder block plus the root
+    (embeddings, final norm, lm_head). The model may still be on the CPU: each fully_shard call moves its group to
+    the mesh's device and keeps this rank's shard, so the full model is never on the GPU at once (one block is).
+
+    Gradients: FSDP2's default, a reduce-scatter after EVERY micro-batch's backward, the shards accumulating in
+    fp32. Accumulating without sync (set_requires_gradient_sync(False)) would keep an unsharded fp32 gradient of
+    the whole model on every GPU (16 GB at 4B) until the last micro-batch."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if not dist.is_initialized():
+        raise RuntimeError("FSDP2 shards over the ranks of a process group, and this process has none")
+    mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for block in model.model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    # The loss weights already divide by the GLOBAL token count, so gradients must be summed over ranks.
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     for m in model.modules():
         if is_fsdp(m):
+            # The loss weights already divide by the GLOBAL token count, so gradients must be summed over ranks.
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo (CPU) has no pre-scaled reductions
+            # A rank padding with a dummy forward (micro_slices) leaves an untied lm_head without a gradient while
+            # the others have one: reduce-scatter a zero for it, so every rank reduces the same tensors.
+            m.set_reduce_scatter_unused_params(True)
     return model
 
 
 def micro_slices(n: int, size: int, model) -> list[slice]:
-    """Micro-batches of n items. Under FSDP every forward all-gathers shards, so every rank must run the same
-    number of them: a rank with fewer items gets empty slices (the caller runs a dummy forward) at the end."""
+    """Micro-batches of n items. Under FSDP every forward all-gathers shards and every backward reduce-scatters
+    gradients, so every rank must run the same number of them: a rank with fewer items (or none) gets empty slices
+    (the caller runs a dummy forward) at the end."""
     slices = [slice(i, min(i + size, n)) for i in range(0, n, size)]
     if is_fsdp(model):
         count = int(all_reduce(torch.tensor(len(slices)), dist.ReduceOp.MAX))
@@ -151,25 +238,10 @@ def micro_slices(n: int, size: int, model) -> list[slice]:
     return slices
 
 
-def set_gradient_sync(model, last_micro_batch: bool):
-    """FSDP2 accumulates gradients locally and reduce-scatters once, after the last micro-batch of an update."""
-    if is_fsdp(model):
-        model.set_requires_gradient_sync(last_micro_batch)
-
-
 def reduce_gradients(model, params: list):
-    """Data parallel: sum every gradient over ranks, in one flat all-reduce (FSDP2 has already reduced its own)."""
+    """Data parallel: sum every gradient over ranks, in place, one all-reduce per parameter, all queued at once (no
+    flat copy of the gradients). FSDP2 has already reduce-scattered its own."""
     if is_fsdp(model) or not dist.is_initialized():
         return
-    grads = [p.grad for p in params]
-    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]))
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
-
-
-def sync_rollout_weights(rollout_model, model):
-    """Copy the trained weights into the rollout copy, gathering each FSDP shard once per step."""
-    with torch.no_grad():
-        dst = dict(rollout_model.named_parameters())
-        for name, p in model.named_parameters():
-            dst[name].copy_(full_tensor(p))
+    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
+        work.wait()

@@ -268,11 +268,11 @@ class _Batch:
 # Env/user calls (shared by the local-model and the HTTP-agent loops)
 
 
-def _timed(fn, *args):
+def _timed(fn, *args, **kwargs):
     """(result, error message or None, seconds): a users.UserError is caught and returned, anything else raises."""
     t0 = time.perf_counter()
     try:
-        return fn(*args), None, time.perf_counter() - t0
+        return fn(*args, **kwargs), None, time.perf_counter() - t0
     except _user_error() as e:
         return None, f"{type(e).__name__}: {e}", time.perf_counter() - t0
 
@@ -539,7 +539,7 @@ def _observation_messages(message: dict, obs: str) -> list:
 
 
 def _rollout_http(agent, tasks, group_size: int, cfg: RolloutConfig, user, stats):
-    """The same loop with `agent.complete(messages, tools)` as the policy. No tokens, so no budget: turns end it.
+    """The same loop with `agent.complete(messages, tools, env=env)` as the policy. No tokens, so no budget: turns end it.
     An agent endpoint failure (users.UserError) marks the episode failed, end_reason "user_failure"."""
     from tqdm import tqdm
 
@@ -553,8 +553,8 @@ def _rollout_http(agent, tasks, group_size: int, cfg: RolloutConfig, user, stats
         live = [i for i, ep in enumerate(episodes) if not ep.failed]
         while live:
             t0 = time.perf_counter()
-            replies = list(pool.map(lambda i: _timed(agent.complete, list(episodes[i].messages), [envs.TOOL_SCHEMA]),
-                                    live))
+            replies = list(pool.map(lambda i: _timed(agent.complete, list(episodes[i].messages), [envs.TOOL_SCHEMA],
+                                                     env=env_list[i]), live))  # the expert (an oracle) reads its env
             counts["time_generate"] += time.perf_counter() - t0
             counts["turns"] += 1
             items, sent = [], []

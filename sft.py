@@ -25,7 +25,6 @@ Simplifications, each one line:
   observation (an HTTP agent's skipped parallel calls get a placeholder, as in rollout.py).
 - Examples longer than `max_tokens` are dropped (and counted), not truncated: a cut episode teaches half a task.
 """
-import copy
 import dataclasses
 import json
 import math
@@ -309,8 +308,7 @@ def train_sft(model, optimizer, examples: list, s: SFTSettings, pad_id: int, see
             g["lr"] = lr_at(step, total, s.lr, s.warmup)
         loss_sum = 0.0
         slices = distributed.micro_slices(len(mine), s.micro_batch_size, model)
-        for k, sl in enumerate(slices):
-            distributed.set_gradient_sync(model, k == len(slices) - 1)
+        for sl in slices:
             part = mine[sl] or [([pad_id, pad_id], [0, 0])]  # FSDP: a rank out of data still joins the forward
             ids, attn, lmask = pad_batch(part, pad_id, device)
             loss = sft_loss_sum(model, ids, attn, lmask, chunk_mb, bf16) / max(n_tok, 1)
@@ -352,30 +350,35 @@ def conversations_for(cfg, tasks, run_dir: Path, rank: int) -> list[dict]:
             if not r["failed"] and r["score"] >= cfg.sft_min_score]
 
 
-def run(cfg, run_dir: Path, tasks, ranks, at: dict):
+def run(cfg, run_dir: Path, tasks, ranks, user_url: str | None, at: dict):
     """SFT in `run_dir` (train.py's in_run_folder claimed it): the model (from its latest checkpoint on --resume),
     the data, then `train_sft` with one metrics.jsonl line per step, a resumable checkpoint every `save_every`
     steps, an evaluation every `eval_every` steps and at the end (RUN/evals.jsonl, phase "sft"), and RUN/final, the
-    Hugging Face folder that is the next stage's --model."""
+    Hugging Face folder that is the next stage's --model. `user_url`: the user server started for the run, if any."""
     import checkpoints
     import eval as evaluation
     import users
-    from models import load_model
+    from models import load_model, refresh_rollout_copy, rollout_copy
 
     rank, world, device = ranks
     ckpt = checkpoints.latest_checkpoint(run_dir) if cfg.resume else None
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed)  # on resume, the checkpoint's weights replace these
-    model.to(device).train()
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)  # on the CPU; on resume the checkpoint replaces these
+    model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bf16 = cfg.dtype == "bfloat16"
     # the export needs the whole model: under FSDP a full copy (bf16 with --dtype bfloat16), refreshed at the end
-    plain = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval() if bf16 or cfg.fsdp else model
-    if cfg.fsdp:
+    plain = model
+    if bf16 or cfg.fsdp:
+        plain = rollout_copy(model, torch.bfloat16 if bf16 else torch.float32).to(device)
+    if cfg.fsdp:  # each block goes to the device as it is sharded
         distributed.shard(model, bf16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
+    else:
+        model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
     start = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)["step"] if ckpt else 0
     examples, dropped = build_examples(tokenizer, conversations_for(cfg, tasks, run_dir, rank), cfg.sft_max_tokens)
     if not examples:
@@ -385,7 +388,8 @@ def run(cfg, run_dir: Path, tasks, ranks, at: dict):
                     batch_size=cfg.sft_batch_size, micro_batch_size=cfg.micro_batch_size,
                     weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     at["steps"] = total = total_steps(len(examples), s)
-    user = users.from_config(cfg.user) if cfg.eval_every else None
+    user_cfg = dataclasses.replace(cfg.user, base_url=user_url) if user_url else cfg.user
+    user = users.from_config(user_cfg) if cfg.eval_every else None
     if rank == 0:
         config = dataclasses.asdict(cfg) | {"out_dir": str(run_dir)}
         checkpoints.start_run(run_dir, config, start if cfg.resume else None)
@@ -398,7 +402,9 @@ def run(cfg, run_dir: Path, tasks, ranks, at: dict):
         at["step"] = n
         m = {"step": n, **stats}
         if cfg.eval_every and (n % cfg.eval_every == 0 or n == total):
-            results = evaluation.evaluate_ranks(model, tokenizer, tasks.test, evaluation.eval_settings(cfg.rollout),
+            if plain is not model:  # generation runs on the whole model (a sharded one would need every rank in step)
+                refresh_rollout_copy(plain, model)
+            results = evaluation.evaluate_ranks(plain, tokenizer, tasks.test, evaluation.eval_settings(cfg.rollout),
                                                 user=user)
             m.update(evaluation.eval_metrics(results))
             if rank == 0:
@@ -418,7 +424,7 @@ def run(cfg, run_dir: Path, tasks, ranks, at: dict):
               chunk_mb=cfg.loss.chunk_mb, bf16=bf16)
     if start < total or not (run_dir / "final").exists():  # RUN/final: the next stage's --model
         if plain is not model:
-            distributed.sync_rollout_weights(plain, model)
+            refresh_rollout_copy(plain, model)
         if rank == 0:
             checkpoints.export_model(run_dir / "final", plain, tokenizer)
         distributed.barrier()

@@ -3,7 +3,10 @@
     python train.py                                # the offline demo: the whole recipe on CPU (configs/demo.json)
     python train.py --sft_steps 0                  # the demo without the SFT cold start (the paper's finding 1)
     python train.py --algo sft --sft_data runs/expert/episodes.jsonl --model Qwen/Qwen3-4B   # SFT only
-    torchrun --nproc_per_node 8 train.py --config configs/userrl-qwen3-4b.json    # the paper's GRPO, 8 GPUs
+    python train.py --config configs/userrl-qwen3-4b.json \
+        --user.serve_cmd "vllm serve Qwen/Qwen3-32B --port {port} --tensor-parallel-size 2" --user.serve_gpus 2
+                                    # the paper's recipe on one 8-GPU box: its user on 2 GPUs, 6 ranks train
+    python train.py --nproc 2                                           # 2 ranks (gloo) on the CPU
     python train.py --resume runs/20261125-120000 --steps 40            # continue a run where it stopped
 
 `--algo` picks what runs: `grpo` (the RL stage, below), `sft` (the cold start, sft.py), or `recipe` (recipe()
@@ -21,23 +24,25 @@ One step (`step()` below; paper section 4) runs six phases, in this order:
   6. log metrics and transcripts, evaluate, checkpoint
 Before the first step, every check that can fail runs (config values, device, ranks, model name, task files, the
 user endpoint), before the run folder exists and before any model loads; then the folder is claimed
-(checkpoints.py), the models are loaded (or resumed) and config.json is written.
+(checkpoints.py), the user server started (--user.serve_cmd), and, with more than one GPU (or --nproc N, or
+--fsdp), train.py re-runs itself as one rank per GPU through torch.distributed.run (distributed.launch); then
+the models are loaded (or resumed) and config.json is written.
 Simplifications, each deliberate:
   - no critic, no KL and no entropy bonus by default (the paper's recipe; `--loss.kl_coef` turns KL on);
   - generation runs in-process with our own KV-cached batched sampler (rollout.py), not vLLM/SGLang;
-  - data parallel = the same loop on every rank plus one all-reduce of the gradients per update (no DDP
+  - data parallel = the same loop on every rank plus an all-reduce of the gradients per update (no DDP
     wrapper); `--fsdp true` shards parameters with FSDP2 for models that do not fit (distributed.py);
   - a group never spans ranks, so advantages need no communication; token counts for the loss are global.
 """
-import copy
 import dataclasses
 import json
 import os
 import random
 import re
+import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +58,9 @@ import eval as evaluation
 import rewards
 import sft
 import users
-from config import ConfigError, DataError, Tasks, apply_args, check_before_work, split_names
+from config import ConfigError, DataError, Tasks, apply_args, check_before_work, load_tasks, plan_ranks, split_names
 from grpo import STATS, LossConfig, chunk_tokens, grpo_loss, loss_weights, naive_grpo_loss, token_logprobs
-from models import load_model
+from models import load_model, refresh_rollout_copy, rollout_copy
 from rollout import RolloutConfig, rollout
 from users import UserConfig
 
@@ -64,6 +69,8 @@ from users import UserConfig
 HELD_OUT = ("intention", "telepathy", "search")
 ALGOS = ("grpo", "sft", "recipe")
 DEMO = Path(__file__).resolve().parent / "configs" / "demo.json"
+ALLOC_CONF = "expandable_segments:True"
+"""train.py's CUDA allocator setting (PYTORCH_CUDA_ALLOC_CONF) when the user has none: see main"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,7 +115,14 @@ class Config:
     dtype: str = "float32"
     """float32, or bfloat16: bf16 compute and a bf16 copy of the weights for rollouts, fp32 master weights"""
     fsdp: bool = False
-    """shard parameters, gradients and optimizer state with FSDP2 (fully_shard per decoder block); needs ranks"""
+    """shard parameters, gradients and optimizer state with FSDP2 (fully_shard per decoder block) over the ranks;
+    python train.py starts them (with one GPU, or on the CPU without --nproc: a group of one)"""
+    nproc: int = 0
+    """ranks that train, one per GPU, started by python train.py itself; 0 = one per visible GPU (less those kept
+    by --user.serve_gpus), 1 on the CPU. Under torchrun, its --nproc_per_node decides"""
+    dist_timeout_min: float = 120.0
+    """minutes a rank waits at a collective for the others before the run is stopped: a rank that finished its
+    rollout waits there for the slowest (NCCL's own default, 10, kills long rollouts)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward (the paper's recipe turns it on)"""
     # data
@@ -230,6 +244,8 @@ def validate(cfg: Config):
     check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
     check(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
     check(cfg.grad_clip > 0, "grad_clip", f"must be > 0, got {cfg.grad_clip}")
+    check(cfg.nproc >= 0, "nproc", f"must be >= 0 (0 = one rank per GPU), got {cfg.nproc}")
+    check(cfg.dist_timeout_min > 0, "dist_timeout_min", f"must be > 0, got {cfg.dist_timeout_min}")
     for key in ("steps", "rollout_tasks", "save_every", "keep_last", "export_every", "eval_every", "eval_tasks",
                 "transcripts"):
         check(getattr(cfg, key) >= 0, key, f"must be >= 0, got {getattr(cfg, key)}")
@@ -253,8 +269,18 @@ def validate(cfg: Config):
     check(cfg.user.backend in users.BACKENDS, "user.backend",
           f"expected one of {', '.join(users.BACKENDS)}, got {cfg.user.backend!r}")
     check(cfg.user.backend == "scripted" or cfg.user.model, "user.model", f"the {cfg.user.backend} user needs a model")
-    check(cfg.user.backend != "http" or cfg.user.base_url or os.environ.get("OPENAI_BASE_URL"), "user.base_url",
-          "the http user needs an endpoint: --user.base_url http://HOST:PORT/v1, or set $OPENAI_BASE_URL")
+    check(cfg.user.backend != "http" or cfg.user.base_url or cfg.user.serve_cmd or os.environ.get("OPENAI_BASE_URL"),
+          "user.base_url", "the http user needs an endpoint: --user.base_url http://HOST:PORT/v1, $OPENAI_BASE_URL, "
+          "or a server started for the run (--user.serve_cmd)")
+    check(not cfg.user.serve_cmd or cfg.user.backend == "http", "user.serve_cmd",
+          f"the started server is reached by the http user; set --user.backend http (got {cfg.user.backend})")
+    check(not cfg.user.serve_cmd or "{port}" in cfg.user.serve_cmd, "user.serve_cmd",
+          "put {port} where the command takes its port (e.g. vllm serve MODEL --port {port}): train.py picks a "
+          "free port and points the http user there")
+    check(cfg.user.serve_gpus >= 0, "user.serve_gpus", f"must be >= 0, got {cfg.user.serve_gpus}")
+    check(cfg.user.serve_cmd or not cfg.user.serve_gpus, "user.serve_gpus",
+          "GPUs kept for a user server, but no --user.serve_cmd starts one")
+    check(cfg.user.serve_timeout > 0, "user.serve_timeout", f"must be > 0, got {cfg.user.serve_timeout}")
     check(cfg.user.max_concurrency >= 1 and cfg.user.max_retries >= 0 and cfg.user.timeout > 0, "user",
           "max_concurrency must be >= 1, max_retries >= 0 and timeout > 0")
     check(cfg.sft_steps >= -1, "sft_steps", f"must be >= 0, or -1 for sft_epochs passes, got {cfg.sft_steps}")
@@ -349,7 +375,9 @@ def step(t: Trainer, n: int) -> dict:
     mine = distributed.deal(len(batch), rank, world)
     # 2. roll out a group of episodes per task against the simulated user
     with phase(m, "rollout", device):
-        episodes, m["time_user"] = roll_out(t, [batch[i] for i in mine], n)
+        episodes, m["time_user"] = roll_out(t, [batch[i] for i in mine], mine, n)
+    if device.type == "cuda":  # the KV cache is gone: hand its blocks back before the training forward
+        torch.cuda.empty_cache()
     task_of = [mine[j // cfg.group_size] for j in range(len(episodes))]
     # 3. score and advantages, per group; episodes whose user failed are left out
     kept = [j for j, e in enumerate(episodes) if not e.failed]
@@ -386,7 +414,7 @@ def export(t: Trainer, name: str):
     """The policy as a Hugging Face folder RUN/<name> in the training dtype. The rollout copy holds exactly that
     (unsharded, bf16 with --dtype bfloat16), so refreshing it is the gather FSDP needs; rank 0 writes it."""
     if t.rollout_model is not t.model:
-        distributed.sync_rollout_weights(t.rollout_model, t.model)
+        refresh_rollout_copy(t.rollout_model, t.model)
     if t.ranks.rank == 0:
         checkpoints.export_model(t.run_dir / name, t.rollout_model, t.tokenizer)
     distributed.barrier()
@@ -406,14 +434,19 @@ def phase(m: dict, name: str, device: torch.device):
     m[f"time_{name}"] = time.perf_counter() - t0
 
 
-def roll_out(t: Trainer, tasks: list, n: int) -> tuple[list, float]:
+def roll_out(t: Trainer, tasks: list, index: list, n: int) -> tuple[list, float]:
     """Phase 2: `group_size` episodes per task, grouped in task order and tagged with step n, and the seconds spent
-    in env/user calls. `rollout_tasks` tasks at a time: their groups share one KV cache, which bounds its memory."""
+    in env/user calls. `rollout_tasks` tasks at a time: their groups share one KV cache, which bounds its memory.
+
+    `index`: each task's place in the step's global batch. The sampler is seeded per chunk from the run's seed,
+    the step and the chunk's first task, so what a chunk samples does not depend on which rank rolls it out: with
+    `--rollout_tasks 1`, N ranks sample the very episodes one process does (tests/test_distributed.py)."""
     cfg = t.cfg
-    if t.rollout_model is not t.model:
-        distributed.sync_rollout_weights(t.rollout_model, t.model)
-    episodes, time_user, chunk = [], 0.0, cfg.rollout_tasks or len(tasks)
+    if t.rollout_model is not t.model:  # a collective under FSDP: every rank calls it, with or without tasks
+        refresh_rollout_copy(t.rollout_model, t.model)
+    episodes, time_user, chunk = [], 0.0, cfg.rollout_tasks or max(len(tasks), 1)
     for i in range(0, len(tasks), chunk):
+        torch.manual_seed(random.Random(f"rollout {cfg.seed} {n} {index[i]}").getrandbits(63))
         stats = {}
         episodes += rollout(t.rollout_model, t.tokenizer, tasks[i:i + chunk], cfg.group_size, cfg.rollout,
                             user=t.user, stats=stats)
@@ -450,7 +483,7 @@ def recompute_logprobs(model, batch: Batch, cfg: Config) -> tuple[list, list]:
         h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
         w = head_weight(model)
         lp, ent = token_logprobs(h, w, ids[:, 1:][sel], temperature=cfg.loss.temperature,
-                                 chunk_size=chunk_tokens(w.shape[0], cfg.loss.chunk_mb), return_entropy=True)
+                                 chunk_size=chunk_tokens(w.shape[0], cfg.loss.chunk_mb, device), return_entropy=True)
         counts = [int(s.sum()) for s in sel]
         out.extend(lp.float().cpu().split(counts))
         ents.extend(ent.float().cpu().split(counts))
@@ -502,8 +535,7 @@ def mini_batch_update(model, optimizer, params: list, mb: Batch, totals: dict, c
     lens = [int(sum(e.loss_mask)) for e in mb.episodes]
     sums = {"tokens": 0.0, "loss": 0.0, **{key: 0.0 for key in STATS}}
     slices = distributed.micro_slices(len(mb.episodes), cfg.micro_batch_size, model)
-    for k, sl in enumerate(slices):
-        distributed.set_gradient_sync(model, k == len(slices) - 1)
+    for sl in slices:  # under FSDP each backward reduce-scatters its gradients into the accumulated shards
         if sl.start == sl.stop:
             (dummy_hidden(model, mb.pad_id, bf16).sum() * 0).backward()
             continue
@@ -574,8 +606,8 @@ def model_device(model) -> torch.device:
 def evaluate(t: Trainer, n: int) -> dict:
     """Greedy episodes on the test tasks without the reward shown (the paper's evaluation, eval.py's function),
     dealt over the ranks; appended to RUN/evals.jsonl as phase "grpo" at step n. Returns eval/* metrics."""
-    if t.rollout_model is not t.model:
-        distributed.sync_rollout_weights(t.rollout_model, t.model)
+    if t.rollout_model is not t.model:  # every rank joins (a collective under FSDP), tasks or not
+        refresh_rollout_copy(t.rollout_model, t.model)
     results = evaluation.evaluate_ranks(t.rollout_model, t.tokenizer, t.test_tasks,
                                         evaluation.eval_settings(t.cfg.rollout), user=t.user)
     if t.ranks.rank == 0:
@@ -659,30 +691,36 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks) -> Trainer:
-    """Everything before the first step: seeds, the user, the models, the optimizer, and on --resume the latest
-    checkpoint's state loaded into them; then config.json (on resume: the resume log, and the logs cut back to the
-    checkpoint)."""
+def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks, user_url: str | None) -> Trainer:
+    """Everything before the first step: seeds, the user (`user_url`: the server started for the run, if any), the
+    models (from the latest checkpoint on --resume), the optimizer; then config.json (on resume: the resume log,
+    and the logs cut back to the checkpoint)."""
     rank, world, device = ranks
     ckpt = checkpoints.latest_checkpoint(run_dir) if cfg.resume else None
     seed_everything(cfg.seed + rank)
+    if device.type == "cuda":  # fp32 matmuls (an fp32 run; the fp32 parts of a bf16 one) in TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
     sampler = TaskSampler(tasks.train, cfg.gyms or {g: 1.0 for g in tasks.train}, cfg.seed)
-    user = users.from_config(cfg.user)
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed)  # on resume, the checkpoint's weights replace these
-    model.to(device).train()
+    user = users.from_config(dataclasses.replace(cfg.user, base_url=user_url) if user_url else cfg.user)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)  # on the CPU; on resume the checkpoint replaces these weights
+    model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bf16 = cfg.dtype == "bfloat16"
     rollout_model = model
-    if bf16 or cfg.fsdp:
-        rollout_model = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval()
-    if cfg.fsdp:
+    if bf16 or cfg.fsdp:  # parameters cast on the CPU, buffers (RoPE's inv_freq) kept: models.rollout_copy
+        rollout_model = rollout_copy(model, torch.bfloat16 if bf16 else torch.float32).to(device)
+    if cfg.fsdp:  # each block goes to the device as it is sharded: the whole fp32 model never is on it at once
         distributed.shard(model, bf16)
+    else:
+        model.to(device)
     ref_model = None
     if cfg.loss.kl_coef > 0:  # loaded only when the KL term is on (off in the paper's recipe)
         ref_model, _ = load_model(cfg.model, seed=cfg.seed)
         ref_model.to(device).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel per step on CUDA instead of foreach's temporaries the size of the (sharded) parameters
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
     start = 0
     if ckpt:
         state = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)
@@ -719,26 +757,27 @@ def drop_evals_after(run_dir: Path, phase: str, step: int):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run; its message says where the run stopped and how to continue it."""
+    """Ctrl-C (or SIGTERM) during a run; its message says where the run stopped and how to continue it."""
 
 
 def in_run_folder(cfg: Config, task_pool: dict | None, loop) -> Path:
-    """The frame of a GRPO or SFT run: every check before work, the ranks, the run folder claimed once (its lock
-    released at the end), and Ctrl-C turned into one line saying where the run stopped and how to continue it.
-    `loop(cfg, run_dir, tasks, ranks, at)` does the work, keeping at["step"] and at["steps"] current."""
-    tasks = check_before_work(cfg, task_pool)
-    ranks = distributed.setup(cfg.device)
-
-    def claim():
-        path = Path(cfg.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-        return path, checkpoints.open_run(path, resume=bool(cfg.resume))
-
-    run_dir, note = distributed.on_rank0(claim)  # one folder for all ranks, claimed once
-    if note:
-        print(note)
+    """The frame of a GRPO or SFT run in this process (as the whole run, or as one rank of it): every check before
+    work, the ranks, the run folder claimed once (its lock released at the end), the user server started for the
+    run, and Ctrl-C turned into one line saying where the run stopped and how to continue it. A rank started by
+    `launch` finds the checks done, the folder claimed and the server running. `loop(cfg, run_dir, tasks, ranks,
+    user_url, at)` does the work, keeping at["step"] and at["steps"] current."""
+    launched = distributed.launched_run_dir()
+    tasks = load_tasks(cfg, task_pool) if launched else check_before_work(cfg, task_pool)
+    ranks = distributed.setup(cfg.device, cfg.dist_timeout_min)
+    run_dir = Path(launched) if launched else distributed.on_rank0(lambda: claim_run_folder(cfg))
     at = {}
     try:
-        loop(cfg, run_dir, tasks, ranks, at)
+        if launched:  # the launching process started it
+            server = nullcontext(os.environ.get(distributed.USER_URL_ENV))
+        else:
+            server = serve_user(cfg, run_dir, plan_ranks(cfg).server_gpus)
+        with server as user_url:
+            loop(cfg, run_dir, tasks, ranks, user_url, at)
     except KeyboardInterrupt:
         ckpt = checkpoints.latest_checkpoint(run_dir)
         if "step" not in at:
@@ -746,11 +785,9 @@ def in_run_folder(cfg: Config, task_pool: dict | None, loop) -> Path:
         else:
             where = f"interrupted during step {at['step']} of {at['steps']} (" + (
                 f"last checkpoint {ckpt.name}" if ckpt else "no checkpoint yet: it starts again from step 1") + ")"
-        how = f"continue with: python train.py --resume {run_dir}" if (run_dir / "config.json").exists() else \
-            "nothing was written"
-        raise Interrupted(f"{where}; {how}") from None
+        raise Interrupted(f"{where}; {how_to_continue(run_dir)}") from None
     finally:
-        if ranks.rank == 0:
+        if ranks.rank == 0 and not launched:
             checkpoints.release(run_dir)
     return run_dir
 
@@ -758,8 +795,8 @@ def in_run_folder(cfg: Config, task_pool: dict | None, loop) -> Path:
 def train(cfg: Config, task_pool: dict | None = None) -> Path:
     """Run `cfg.steps` GRPO steps (or continue a run); returns the run folder. `task_pool` ({gym: [task]})
     replaces the training data files, for tests with toy gyms."""
-    def loop(cfg, run_dir, tasks, ranks, at):
-        t = set_up(cfg, run_dir, tasks, ranks)
+    def loop(cfg, run_dir, tasks, ranks, user_url, at):
+        t = set_up(cfg, run_dir, tasks, ranks, user_url)
         at["steps"] = cfg.steps
         bar = tqdm(range(t.start + 1, cfg.steps + 1), initial=t.start, total=cfg.steps, desc="steps",
                    disable=ranks.rank != 0)
@@ -779,6 +816,64 @@ def run_sft(cfg: Config, task_pool: dict | None = None) -> Path:
     return in_run_folder(cfg, task_pool, sft.run)
 
 
+def claim_run_folder(cfg: Config) -> Path:
+    """The run folder, claimed (locked) for this process: --out_dir, or runs/<timestamp>."""
+    path = Path(cfg.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    note = checkpoints.open_run(path, resume=bool(cfg.resume))
+    if note:
+        print(note)
+    return path
+
+
+def serve_user(cfg: Config, run_dir: Path, gpus: list):
+    """users.serve for this run: on `gpus`, its output in the run folder, and without the allocator setting train.py
+    makes for itself (main): the server's memory is its own business."""
+    drop = {"PYTORCH_CUDA_ALLOC_CONF": None} if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == ALLOC_CONF else {}
+    return users.serve(cfg.user, run_dir / "user-server.log", gpus, env=drop)
+
+
+def how_to_continue(run_dir: Path) -> str:
+    return f"continue with: python train.py --resume {run_dir}" if (run_dir / "config.json").exists() else \
+        "nothing was written"
+
+
+def launch(cfg: Config, argv: list[str], plan: distributed.Plan, entry: str) -> int:
+    """The launching process of a run of `plan.nproc` ranks: check everything once, claim the run folder, start the
+    user server, then run `python entry argv` as the ranks (distributed.launch, torch.distributed.run's code) on
+    the training GPUs, and wait. Returns the ranks' exit status; Ctrl-C or SIGTERM stops them all and the server,
+    and raises Interrupted with the one line that says how to continue."""
+    check_before_work(cfg, launching=True)
+    run_dir = claim_run_folder(cfg)
+    try:
+        with serve_user(cfg, run_dir, plan.server_gpus) as user_url:
+            env = {distributed.RUN_DIR_ENV: str(run_dir), **({distributed.USER_URL_ENV: user_url} if user_url else {}),
+                   **({"CUDA_VISIBLE_DEVICES": ",".join(plan.train_gpus)} if plan.train_gpus else {})}
+            print(f"starting {plan.nproc} rank(s)" + (f" on GPUs {','.join(plan.train_gpus)}" if plan.train_gpus
+                                                       else " on the CPU") + " (torch.distributed.run)", flush=True)
+            return distributed.launch(entry, argv, plan.nproc, env)
+    except KeyboardInterrupt:
+        raise Interrupted(stopped_line(run_dir, cfg.steps)) from None
+    finally:
+        checkpoints.release(run_dir)
+
+
+def stopped_line(run_dir: Path, steps: int) -> str:
+    """What the launching process says when Ctrl-C stopped its ranks (they say nothing: one of them may be stuck in
+    a collective): the last step on disk, the last checkpoint, how to continue."""
+    if not (run_dir / "config.json").exists():
+        return "interrupted while setting up; nothing was written"
+    done, metrics = 0, run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        try:
+            done = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # a line torn by the interruption
+            pass
+    ckpt = checkpoints.latest_checkpoint(run_dir)
+    return f"interrupted after step {done} of {steps} (" + (
+        f"last checkpoint {ckpt.name}" if ckpt else "no checkpoint yet: it starts again from step 1") + \
+        f"); {how_to_continue(run_dir)}"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The recipe: the paper's pipeline in one command
 
@@ -796,7 +891,7 @@ def recipe(cfg: Config, task_pool: dict | None = None) -> Path:
     if checkpoints.holds_run(run_dir) or (run_dir / "evals.jsonl").exists() or (run_dir / "sft").exists():
         raise ConfigError(f"--out_dir: {run_dir} already holds a run; choose another --out_dir")
     tasks = check_before_work(cfg, task_pool)
-    rank, _, device = distributed.setup(cfg.device)
+    rank, _, device = distributed.setup(cfg.device, cfg.dist_timeout_min)
     settings = evaluation.eval_settings(cfg.rollout)
     user = users.from_config(cfg.user)
 
@@ -813,12 +908,13 @@ def recipe(cfg: Config, task_pool: dict | None = None) -> Path:
     evaluate_model(cfg.model, "untrained", 0)
     start = cfg.model
     if cfg.sft_steps != 0:
-        sft_dir = run_sft(dataclasses.replace(cfg, algo="sft", out_dir=str(run_dir / "sft"), eval_every=0, save_every=0),
-                          task_pool)
+        sft_cfg = dataclasses.replace(cfg, algo="sft", out_dir=str(run_dir / "sft"), eval_every=0, save_every=0)
+        sft_dir = run_sft(sft_cfg, task_pool)
         start = str(sft_dir / "final")
         evaluate_model(start, "sft", json.loads((sft_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"])
-    train(dataclasses.replace(cfg, algo="grpo", model=start, out_dir=str(run_dir), eval_every=cfg.eval_every or cfg.steps),
-          task_pool)
+    grpo_cfg = dataclasses.replace(cfg, algo="grpo", model=start, out_dir=str(run_dir),
+                                   eval_every=cfg.eval_every or cfg.steps)
+    train(grpo_cfg, task_pool)
     if rank == 0:
         print_recipe_table(run_dir)
     return run_dir
@@ -835,22 +931,50 @@ def print_recipe_table(run_dir: Path):
     print(evaluation.runs_table(rows, valid=True))
 
 
-def main(argv: list[str]):
+def main(argv: list[str], entry: str = __file__):
+    """The command line. `entry` is the script the ranks run when this process launches them (a test's own
+    script registers a toy gym, then calls main)."""
     transformers.utils.logging.disable_progress_bar()  # one tqdm bar per step is ours; no per-save bars
+    # Read by torch when it first allocates on a GPU, so set before any CUDA work, and inherited by the ranks:
+    # cached blocks grow in place rather than fragment as the KV cache and the micro-batches change size.
+    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+    launching = "RANK" not in os.environ  # the process a person started (a rank of torchrun is not)
+    report = distributed.launched_run_dir() is None  # ranks of launch() leave the messages to the launching process
+    if launching:  # SIGTERM as Ctrl-C, so every `finally` runs: the user server is stopped, the lock released
+        previous = signal.signal(signal.SIGTERM, interrupt)
     named = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if not named & {"--config", "--resume", "--algo"}:
         argv = ["--config", str(DEMO), *argv]  # the demo is what a command that names no recipe runs
     try:
         cfg = parse_config(argv)
+        plan = plan_ranks(cfg) if launching else None
+        if plan and plan.launch:
+            if cfg.algo == "recipe":  # its phases are runs of their own, each in its own folder
+                raise ConfigError("--algo recipe runs in one process; on several ranks run its phases as commands "
+                                  "(--algo sft, then --algo grpo --model RUN/final, then eval.py), or use torchrun")
+            code = launch(cfg, argv, plan, entry)
+            if code:
+                sys.exit(code)
+            return
         {"grpo": train, "sft": run_sft, "recipe": recipe}[cfg.algo](cfg)
+        distributed.teardown()
     except (ConfigError, DataError, sft.SFTDataError) as e:
         kind = "config" if isinstance(e, ConfigError) else "data"
         sys.exit(f"{kind} error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # every rank has the same line
+    except users.UserError as e:  # the started user server died, never got healthy, or serves another model
+        sys.exit(str(e) if os.environ.get("RANK", "0") == "0" else 1)
     except (Interrupted, KeyboardInterrupt) as e:  # one line, not a traceback
-        print(str(e) or "interrupted before the run started; nothing was written", file=sys.stderr)
+        if report:
+            print(str(e) or "interrupted before the run started; nothing was written", file=sys.stderr)
         sys.exit(130)
     finally:
-        distributed.teardown()
+        if launching:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -16,9 +16,15 @@ matching for the scripted rules, and HTTP retries.
                      model="Qwen/Qwen3-32B", max_concurrency=64)
     user = make_user("hf", model="Qwen/Qwen3-4B")                        # a transformers model in-process
 
+The hf user is a whole model in the trainer's process: in training, every rank loads its own copy onto its own
+GPU (a 32B user is 64 GB per rank, beside the policy). For large users, serve them once instead: train.py's
+`--user.serve_cmd "vllm serve Qwen/Qwen3-32B --port {port}" --user.serve_gpus 2` starts an OpenAI-compatible server
+on GPUs of its own (UserServer, below) and points the http user at it.
+
 Every way an endpoint can fail after its retries raises UserError (the rollout catches it per episode).
 Its message never contains the API key.
 """
+import _thread
 import ast
 import json
 import os
@@ -26,7 +32,8 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
 import requests
@@ -284,7 +291,8 @@ class HTTPUser(HTTPSettings):
 
 @dataclass
 class HFUser:
-    """A causal LM loaded with `models.load_model`, replying greedily; batched, one generation at a time."""
+    """A causal LM loaded with `models.load_model`, replying greedily; batched, one generation at a time. One copy
+    per process: in training that is one per rank, on the rank's GPU (see the module docstring for large users)."""
 
     model: str = "tiny"
     """hub id, local folder, or "tiny" (the offline test model)"""
@@ -355,10 +363,20 @@ class UserConfig(HTTPSettings):
     takes `model` and `max_tokens` (greedy, as the original's users)."""
 
     backend: str = "scripted"
-    """scripted (offline rules), http (any OpenAI-compatible endpoint), hf (a transformers model in-process)"""
+    """scripted (offline rules), http (any OpenAI-compatible endpoint), hf (a transformers model in-process: one
+    copy per rank, on the rank's GPU; for a large user use serve_cmd)"""
     probe: bool = True
     """http: check at start that GET {base_url}/models answers and serves `model`; false for endpoints that have
     no /models route"""
+    serve_cmd: str = ""
+    """http: a command that serves the OpenAI API, started by train.py for the run and stopped at its end, e.g.
+    "vllm serve Qwen/Qwen3-32B --port {port} --tensor-parallel-size 2"; {port} becomes a free port and the http
+    user talks to it (base_url is then ignored). Its output goes to user-server.log in the run folder"""
+    serve_gpus: int = 0
+    """GPUs the started server gets: the LAST N visible ones (its CUDA_VISIBLE_DEVICES); training uses the others.
+    0 on a machine without GPUs"""
+    serve_timeout: float = 1800.0
+    """seconds the started server may take to answer GET /models (loading a 32B model takes minutes)"""
 
 
 def from_config(cfg: UserConfig):
@@ -386,12 +404,13 @@ def free_port() -> int:
 
 class UserServer:
     """Runs `cmd`, any command that serves the OpenAI API on 127.0.0.1 (e.g. "vllm serve Qwen/Qwen3-32B --port
-    {port}"), as a child process in its own process group, with `env` added to its environment (train.py sets its
-    CUDA_VISIBLE_DEVICES to the GPUs kept for it). "{port}" in `cmd` becomes a free port. Its output goes to
-    `log_path`. `start()` returns the base url once `GET {base_url}/models` answers 200; a server that exits or
-    is not healthy within `timeout` seconds raises UserError with the last lines of its log. `close()` stops the
-    whole process group (SIGTERM, then SIGKILL after `grace` seconds); it is safe to call twice. Use it as a
-    context manager so every exit path stops it."""
+    {port}"), as a child process in its own process group, with `env` applied to this process's environment (a
+    value of None removes the variable; train.py sets CUDA_VISIBLE_DEVICES to the GPUs kept for it). "{port}" in
+    `cmd` becomes a free port. Its output goes to `log_path`. `start()` returns the base url once
+    `GET {base_url}/models` answers 200; a server that exits or is not healthy within `timeout` seconds raises
+    UserError with the last lines of its log. `close()` stops the whole process group (SIGTERM, then SIGKILL after
+    `grace` seconds); it is safe to call twice. Use it as a context manager so every exit path stops it, and
+    `watch(on_exit)` to hear of a server that dies during the run."""
 
     def __init__(self, cmd: str, log_path, env: dict | None = None, timeout: float = 1800.0, grace: float = 30.0):
         if not cmd.strip():
@@ -401,6 +420,7 @@ class UserServer:
         self.log_path, self.env, self.timeout, self.grace = log_path, dict(env or {}), timeout, grace
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.proc = None
+        self._closed = threading.Event()
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -414,8 +434,9 @@ class UserServer:
         import subprocess
 
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(shlex.split(self.cmd), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env}, start_new_session=True)
+        env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
+        self.proc = subprocess.Popen(shlex.split(self.cmd), stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -435,10 +456,21 @@ class UserServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def watch(self, on_exit, every: float = 1.0):
+        """Call `on_exit()` (from a daemon thread) if the server exits before `close()`."""
+        def loop():
+            while not self._closed.wait(every):
+                if not self.alive() and not self._closed.is_set():
+                    on_exit()
+                    return
+
+        threading.Thread(target=loop, daemon=True, name="user-server-watch").start()
+
     def close(self):
         import signal
         import subprocess
 
+        self._closed.set()
         if self.proc is not None:
             # The whole group: servers such as vLLM start worker processes of their own.
             try:
@@ -461,3 +493,33 @@ class UserServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextmanager
+def serve(cfg: UserConfig, log_path, gpus: list, env: dict | None = None):
+    """The server `cfg.serve_cmd` for the length of a `with` block (train.py: the whole run) on `gpus` (its
+    CUDA_VISIBLE_DEVICES; `env`: more of its environment, as UserServer takes it), its output in `log_path`;
+    yields its base URL, or None when there is no command. It is started and probed (it must serve `cfg.model`)
+    before the block and stopped on every way out of it. If it exits while the block runs, the main thread is
+    interrupted as by Ctrl-C, and the block ends with UserError and the last lines of its log, however the
+    interruption was handled on its way out."""
+    if not cfg.serve_cmd:
+        yield None
+        return
+    server = UserServer(cfg.serve_cmd, log_path, env={"CUDA_VISIBLE_DEVICES": ",".join(gpus), **(env or {})},
+                        timeout=cfg.serve_timeout)
+    print(f"user server: {server.cmd} (GPUs: {','.join(gpus) or 'none'}; output in {log_path}) ...", flush=True)
+    died = []
+    with server:
+        try:
+            from_config(replace(cfg, base_url=server.base_url)).probe()
+        except UserError as e:
+            raise UserError(f"user server: {e}; check --user.model against the command ({server.cmd!r})") from None
+        print(f"user server: ready at {server.base_url}", flush=True)
+        server.watch(lambda: (died.append(server.proc.returncode), _thread.interrupt_main()))
+        try:
+            yield server.base_url
+        finally:
+            if died:
+                raise UserError(f"user server exited with code {died[0]} during the run: {server.cmd!r}; last lines "
+                                f"of {log_path}:\n{server.tail()}") from None

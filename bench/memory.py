@@ -9,17 +9,20 @@ The model's shape comes from, in this order: a local folder's config.json (--mod
 Face cache (a hub id downloaded before; never the network), or bench/shapes.py's table of the Qwen3 family.
 Parameter counts come from the transformers model class itself, built on the meta device (no memory).
 
-Phases (the columns): startup (the model loaded and the rollout copy made, before sharding), rollout (KV-cached
-generation on the rollout copy), logprob (old log-probs, a no-grad forward of the training model), loss (the
-fused GRPO loss of one micro-batch, after its forward), backward (the decoder's backward, one layer
-recomputed at a time with gradient checkpointing), step (clip + AdamW). Every phase holds the sharded training
-state and the rollout copy. "update" in the JSON line is the largest of loss, backward and step.
+Phases (the columns): startup (train.set_up: the model is loaded on the CPU, the rollout copy cast there and moved
+to the GPU, then fully_shard moves one group at a time to the GPU and keeps this rank's shard of it),
+rollout (KV-cached generation on the rollout copy), logprob (old log-probs, a no-grad forward of the training
+model), loss (the fused GRPO loss of one micro-batch, after its forward), backward (the decoder's backward, one
+layer recomputed at a time with gradient checkpointing; under FSDP2 each micro-batch's gradients are
+reduce-scattered into the sharded fp32 gradients), step (clip + fused AdamW). Every phase holds the sharded
+training state and the rollout copy. "update" in the JSON line is the largest of loss, backward and step. Host
+memory (each rank's CPU copy of the model at start-up) is printed below the table.
 
 What is an estimate: activation bytes per token are itemised from transformers' Qwen3 layer with CUDA's
 memory-efficient attention (see layer_activation_bytes); "one layer recomputed" counts its gradients as the
 same size again; the CUDA context and NCCL buffers are a flat 1 GB. Everything else is exact arithmetic on the
-shapes. Lines marked "today" are costs of the current code that other changes remove or shrink (static KV cache,
-reduce-scatter per micro-batch, fused AdamW, ...); they stay listed, so a fix shows up as a changed line.
+shapes. Lines marked "today" are costs of the current code that changes under way remove or shrink (a static KV cache,
+the last hidden state without the others); they stay listed, so a fix shows up as a changed line.
 GB here are GiB (2^30 bytes). The last line printed is one JSON object with peak_gb per phase.
 """
 import argparse
@@ -163,8 +166,8 @@ def plan(cfg, gpus: int, s: Shape, prompt_tokens: int = 1152) -> tuple[list[Item
 
     sh = f", sharded 1/{gpus}" if cfg.fsdp and gpus > 1 else ""
     copy_dtype = "bf16" if bf16 else "fp32"
-    # --- held all the time
-    add(f"master weights fp32{sh}", 4 * P / shard, ALL[1:])
+    # --- held all the time (AdamW's moments from its first step on)
+    add(f"master weights fp32{sh}", 4 * P / shard, ALL)
     add(f"AdamW moments fp32{sh}", 8 * P / shard, ALL[1:])
     add(f"gradients fp32{sh}", 4 * P / shard, ("loss", "backward", "step"))
     if bf16 or cfg.fsdp:
@@ -172,10 +175,10 @@ def plan(cfg, gpus: int, s: Shape, prompt_tokens: int = 1152) -> tuple[list[Item
     if cfg.loss.kl_coef > 0:
         add("reference model fp32, full (kl_coef > 0)", 4 * P, ALL[1:])
     add("CUDA context, workspaces, NCCL (rough)", CONTEXT_GB * GB, ALL)
-    # --- start-up: the full fp32 model is loaded on every GPU before fully_shard
-    add("full fp32 model before fully_shard", 4 * P, ("startup",))
-    if bf16 or cfg.fsdp:
-        add("today: deepcopy().to() copies fp32 first", (4 - lo) * P, ("startup",))
+    # --- start-up: loaded on the CPU; fully_shard moves one group at a time to the GPU (a block, then the root:
+    # embeddings, final norm, lm_head), then keeps its shard
+    if cfg.fsdp:
+        add("fully_shard: largest group in full fp32", 4 * max(Pb, Pr), ("startup",))
     # --- rollout
     add(f"KV cache {copy_dtype}: {rows} x {T:,} tokens x {kv_token:,} B", rows * T * kv_token, ("rollout",))
     add("today: KV growth by torch.cat (one layer)", rows * T * kv_token / s.layers, ("rollout",))
@@ -200,16 +203,14 @@ def plan(cfg, gpus: int, s: Shape, prompt_tokens: int = 1152) -> tuple[list[Item
         ("loss",))
     add("fused loss dW: fp32 buffer + its cast", s.vocab * s.hidden * (4 + lo), ("loss",))
     add(f"loss rows: hidden + gradient, {loss_tokens:,}", 2 * loss_tokens * s.hidden * lo, TRAIN)
-    if cfg.fsdp:
+    if cfg.fsdp:  # reduce-scattered after every micro-batch: no unsharded gradient outlives its block's backward
         add("FSDP2 reduce-scatter: one block + fp32", Pb * (lo + 4), ("backward",))
         add("FSDP2 root grads (lm_head/embed.) + fp32", Pr * (lo + 4), ("backward",))
-        if micro > 1:
-            add("today: no-sync accumulates full fp32 grads", 4 * P, TRAIN)
-    if not cfg.fsdp and gpus > 1:
-        add("today: data parallel flat all-reduce copy", 4 * P, ("step",))
-    add("today: AdamW foreach temporaries", 4 * P / shard, ("step",))
+    # data parallel all-reduces each gradient in place, and fused AdamW has no temporaries: nothing more at step
+    host = 4 * P + (lo * P if bf16 or cfg.fsdp else 0)  # the fp32 model, and the rollout copy cast on the CPU
     facts = dict(params=P, tokens_per_episode=T, rollout_rows=rows, kv_bytes_per_token=kv_token, chunk_tokens=chunk,
-                 micro_batches_per_update=micro, layer_activation_bytes_per_token=layer_activation_bytes(s, masked))
+                 micro_batches_per_update=micro, layer_activation_bytes_per_token=layer_activation_bytes(s, masked),
+                 host_bytes_per_rank=host)
     return it, facts
 
 
@@ -253,6 +254,9 @@ def report(cfg, gpus: int, s: Shape, prompt_tokens: int, gpu_gb: float) -> dict:
     worst = max(PHASES, key=lambda p: pk[p])
     fits = pk["total"] <= gpu_gb
     print(f"\npeak {pk['total']:.1f} GB in phase {worst}: {'fits' if fits else 'does NOT fit'} a {gpu_gb:g} GB GPU")
+    host = facts["host_bytes_per_rank"] / GB
+    print(f"host memory at start-up: each rank loads the model on the CPU ({host:.1f} GB with the rollout copy's "
+          f"cast), {gpus} x {host:.1f} = {gpus * host:.0f} GB in all")
     disk = disk_gb(cfg, gpus, s)
     print(f"disk: a checkpoint {disk['checkpoint']:.2f} GB ({disk['checkpoint_per_gpu']:.2f} GB per GPU), "
           f"{disk['checkpoints_kept']:.1f} GB for those kept (--keep_last {cfg.keep_last}); an export "

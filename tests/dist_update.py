@@ -1,8 +1,9 @@
-"""One GRPO update on a fixed global batch, in one process or under torchrun (tests/test_distributed.py).
+"""One GRPO update on a fixed global batch of 4 tasks, in one process or under torchrun (tests/test_distributed.py):
+with data parallel, then (under torchrun) on a fresh model with FSDP2. The tiny model has an untied lm_head, so
+that a rank's padding forward leaves a parameter without a gradient.
 
-    python tests/dist_update.py OUT.pt                                  # one process, the whole batch
-    torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt             # two ranks, tasks dealt round-robin
-    torchrun --nproc_per_node 2 tests/dist_update.py OUT.pt --fsdp      # the same with FSDP2 sharding
+    python tests/dist_update.py OUT.pt                       # one process, the whole batch
+    torchrun --nproc_per_node 3 tests/dist_update.py OUT.pt  # 3 ranks: 2, 1 and 1 tasks, dealt round-robin
 """
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import distributed  # noqa: E402
+import models  # noqa: E402
 import rewards  # noqa: E402
 import train  # noqa: E402
 from rollout import Episode  # noqa: E402
@@ -31,11 +33,9 @@ def fixed_episode(task: int, member: int, vocab: int) -> Episode:
                    info={"end_reason": "done"})
 
 
-def main(out: str, fsdp: bool):
-    cfg = train.parse_config(["--batch_size", str(TASKS), "--group_size", str(GROUP), "--mini_batch_size", "2",
-                              "--micro_batch_size", "1", "--lr", "1e-3", "--ppo_epochs", "2", "--fsdp", str(fsdp)])
-    rank, world, device = distributed.setup(cfg.device)
-    model, tok = train.load_model("tiny", seed=0)
+def one_update(cfg, rank: int, world: int, fsdp: bool) -> dict:
+    tok = models.build_tiny_tokenizer()
+    model = models.build_tiny_model(tok, seed=0, tie_word_embeddings=False)
     if fsdp:
         distributed.shard(model, bf16=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -47,11 +47,20 @@ def main(out: str, fsdp: bool):
     batch = train.Batch(eps, task_of, [torch.tensor(a) for a in advs], tok.pad_token_id)
     batch.old_logprobs = [lp - 0.05 for lp in train.recompute_logprobs(model, batch, cfg)[0]]  # ratio != 1
     stats = train.update(model, optimizer, batch, cfg)
-    params = [distributed.full_tensor(p).detach().clone() for p in model.parameters()]
+    return {"params": [distributed.full_tensor(p).detach().clone() for p in model.parameters()], "stats": stats}
+
+
+def main(out: str):
+    cfg = train.parse_config(["--batch_size", str(TASKS), "--group_size", str(GROUP), "--mini_batch_size", "2",
+                              "--micro_batch_size", "1", "--lr", "1e-3", "--ppo_epochs", "2"])
+    rank, world, device = distributed.setup(cfg.device, cfg.dist_timeout_min)
+    result = {"ddp": one_update(cfg, rank, world, fsdp=False)}
+    if world > 1:
+        result["fsdp"] = one_update(cfg, rank, world, fsdp=True)
     if rank == 0:
-        torch.save({"params": params, "stats": stats}, out)
+        torch.save(result, out)
     distributed.teardown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "--fsdp" in sys.argv[2:])
+    main(sys.argv[1])

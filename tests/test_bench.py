@@ -36,6 +36,23 @@ def test_memory_plan_of_the_4b_recipe_matches_a_hand_computation(capsys):
     assert [float(c) for c in line.split()[-5:]] == [pytest.approx(8 * 4_022_468_096 / 8 / 2 ** 30, abs=0.005)] * 5
 
 
+def test_memory_plan_counts_no_full_model_or_gradient_copy_on_the_gpu(capsys):
+    """What train.py no longer holds: the full fp32 model before fully_shard, an fp32 deepcopy for the rollout
+    copy, unsharded gradients accumulated without sync, a flat all-reduce copy, AdamW foreach temporaries."""
+    out = memory.main(["--config", str(ROOT / "configs/userrl-qwen3-8b.json"), "--gpus", "8"])
+    text = capsys.readouterr().out
+    for gone in ("before fully_shard", "deepcopy", "no-sync", "flat all-reduce", "foreach"):
+        assert gone not in text, gone
+    # start-up by hand: the bf16 rollout copy, this rank's fp32 shard, the root group (embeddings and the untied
+    # lm_head, larger than a block) in full fp32 while fully_shard moves it, 1 GB of context
+    s = memory.load_shape("Qwen/Qwen3-8B")
+    root = 2 * 151_936 * 4_096 + 4_096
+    assert s.root_params == root > s.block_params
+    assert out["peak_gb"]["startup"] == pytest.approx((2 * s.params + 4 * s.params / 8 + 4 * root) / 2 ** 30 + 1,
+                                                      abs=0.006)
+    assert out["fits"] and f"8 x {(6 * s.params) / 2 ** 30:.1f} = " in text  # host: fp32 model + bf16 cast per rank
+
+
 def test_memory_shape_from_a_local_folder_and_a_clear_error_otherwise(tiny, tmp_path):
     model, tok = tiny
     model.save_pretrained(tmp_path)

@@ -1,12 +1,14 @@
 """Errors before work (config.py, train.py): every user mistake is one line naming the key (or the file), printed
 before the run folder exists and before any model loads; a step whose episodes mostly failed says so."""
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import config
+import distributed
 import envs
 import train
 import users
@@ -41,14 +43,68 @@ def test_a_hub_model_that_is_not_cached_without_internet(monkeypatch, tmp_path):
 
 
 def test_cuda_asked_for_without_a_gpu(monkeypatch, tmp_path):
-    monkeypatch.setattr(config.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "visible_gpus", lambda: [])
     assert fails_before_work(monkeypatch, tmp_path, "--device", "cuda").startswith("config error: --device: cuda")
 
 
-def test_fsdp_in_one_process_says_how_to_start_ranks(monkeypatch, tmp_path):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    line = fails_before_work(monkeypatch, tmp_path, "--fsdp", "true")
-    assert line.startswith("config error: --fsdp:") and "torchrun --nproc_per_node" in line, line
+def plan(*argv, visible=()):
+    return config.plan_ranks(train.parse_config(list(argv)), list(visible))
+
+
+def test_python_train_py_plans_one_rank_per_gpu_and_the_users_gpus():
+    gpus = [str(i) for i in range(8)]
+    assert plan(visible=gpus) == (8, True, gpus, [])
+    # the user server on the last 2, 6 ranks on the rest; CUDA_VISIBLE_DEVICES names (here UUIDs) are kept
+    assert plan("--user.backend", "http", "--user.model", "m", "--user.serve_cmd", "serve --port {port}",
+                "--user.serve_gpus", "2", visible=gpus) == (6, True, gpus[:6], ["6", "7"])
+    assert plan("--nproc", "2", visible=["GPU-a", "GPU-b", "GPU-c"]) == (2, True, ["GPU-a", "GPU-b"], [])
+    assert plan(visible=["0"]) == (1, False, ["0"], [])                 # one GPU: this process trains
+    assert plan("--fsdp", "true", visible=["0"]) == (1, True, ["0"], [])  # FSDP: a group of one, launched
+    assert plan() == (1, False, None, []) and plan("--nproc", "2") == (2, True, None, [])  # the CPU: gloo ranks
+    assert plan("--device", "cpu", visible=gpus) == (1, False, None, [])
+
+
+@pytest.mark.parametrize("argv, visible, needle", [
+    (["--nproc", "4"], ["0", "1"], "--nproc: 4 ranks need one GPU each, but 2 are left for training"),
+    (["--user.serve_gpus", "1"], [], "--user.serve_gpus: 1 GPU(s) for the user server, but 0 visible here; use 0"),
+    (["--user.serve_gpus", "2"], ["0", "1"], "--user.serve_gpus: all 2 visible GPU(s) go to the user server"),
+    (["--user.serve_gpus", "3"], ["0", "1"], "--user.serve_gpus: 3 GPU(s) for the user server, but 2 visible"),
+])
+def test_rank_and_gpu_counts_that_do_not_fit_the_machine(argv, visible, needle):
+    serve = ["--user.backend", "http", "--user.model", "m", "--user.serve_cmd", "s --port {port}"]
+    with pytest.raises(config.ConfigError, match=re.escape(needle)):
+        plan(*argv, *(serve if "--user.serve_gpus" in argv else []), visible=visible)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--user.serve_cmd", "vllm serve m"], "--user.serve_cmd: the started server is reached by the http user"),
+    (["--user.backend", "http", "--user.model", "m", "--user.serve_cmd", "vllm serve m --port 8000"],
+     "--user.serve_cmd: put {port} where the command takes its port"),
+    (["--user.serve_gpus", "2"], "--user.serve_gpus: GPUs kept for a user server, but no --user.serve_cmd"),
+    (["--nproc", "-1"], "--nproc: must be >= 0"),
+    (["--dist_timeout_min", "0"], "--dist_timeout_min: must be > 0"),
+])
+def test_bad_launch_and_user_server_settings(monkeypatch, tmp_path, argv, needle):
+    assert fails_before_work(monkeypatch, tmp_path, *argv).startswith(f"config error: {needle}")
+
+
+def test_fsdp_is_launched_as_ranks_and_refused_in_one_process_without_them(monkeypatch, tmp_path):
+    """python train.py --fsdp true starts a group of one (plan above); train.train() in a process without a group
+    says how to start one."""
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(config.ConfigError, match="--fsdp: FSDP2 shards the model over the ranks of a process group, "
+                                                 "and this process has none; run python train.py"):
+        config.check_before_work(train.parse_config(["--fsdp", "true"]))
+
+
+def test_under_torchrun_its_rank_count_decides_and_no_rank_starts_a_server(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(config.ConfigError, match="--nproc: 3, but torchrun started 2 rank"):
+        config.check_before_work(train.parse_config(["--nproc", "3"]))
+    with pytest.raises(config.ConfigError, match="--user.serve_cmd: under torchrun every rank would start a server"):
+        config.check_before_work(train.parse_config(["--user.backend", "http", "--user.model", "m",
+                                                     "--user.serve_cmd", "s --port {port}"]))
 
 
 def test_an_http_user_without_an_endpoint(monkeypatch, tmp_path):

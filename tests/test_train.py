@@ -150,8 +150,9 @@ def test_user_config_is_the_http_clients_own_fields_and_builds_every_backend(mon
 def test_failed_episodes_are_counted_and_left_out_of_the_update(tmp_path, monkeypatch):
     monkeypatch.setitem(envs.GYMS, "comma", FlakyCommaEnv)
     pool = {"comma": [{"id": "up"}, {"id": "down", "down": True}]}
+    # 24 tokens a turn: some of step 2's 12 good episodes write a comma, so they have a spread to train on
     m = read_metrics(train.train(small_cfg(tmp_path, "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2",
-                                           "--save_every", "0"), task_pool=pool))
+                                           "--save_every", "0", "--rollout.max_new_tokens", "24"), task_pool=pool))
     assert [x["failed_episodes"] for x in m] == [16, 4]  # seed 0 draws only broken tasks first: the run goes on
     assert all(x["end/user_failure"] == x["failed_episodes"] for x in m)
     assert m[1]["end/done"] == 12 and m[1]["turns_mean"] == 1 and m[1]["grad_norm"] > 0
@@ -231,8 +232,9 @@ def test_the_naive_loss_runs_with_fused_false_and_makes_the_same_update(tmp_path
         params[fused] = [p.detach() for p in train.load_model(str(run_dir / "final"))[0].parameters()]
         norms[fused] = read_metrics(run_dir)[0]["grad_norm"]
     assert abs(norms["true"] - norms["false"]) < 1e-5 * norms["true"] and norms["true"] > 0
-    # Adam's first step moves each parameter by about lr: rounding in the gradients may shift it by 1% of that
-    assert max(float((p - q).abs().max()) for p, q in zip(params["true"], params["false"])) < 1e-2 * 1e-2
+    # Adam's first step moves each parameter by about lr, and by lr * g / (|g| + 1e-8) where the gradient nearly
+    # cancels: there the rounding of g shifts it by up to ~1% of lr (1.0e-4 and 1.1e-4 with seeds 0 and 1)
+    assert max(float((p - q).abs().max()) for p, q in zip(params["true"], params["false"])) < 2e-2 * 1e-2
 
 
 def test_the_sampling_temperature_reaches_the_old_logprobs_and_the_loss(tmp_path, monkeypatch):

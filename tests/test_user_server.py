@@ -1,6 +1,10 @@
 """The simulated user's own server: the fault-injecting OpenAI-compatible test server (tests/openai_server.py)
-seen through the http user, and users.UserServer starting, health-checking and stopping a server command."""
+seen through the http user; users.UserServer starting, health-checking and stopping a server command; and
+train.py's --user.serve_cmd: a server that fails to start, serves another model or dies stops the run with its
+log's last lines, and SIGTERM stops the run and the server (normal end and Ctrl-C: tests/test_distributed.py)."""
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -8,8 +12,12 @@ from pathlib import Path
 import pytest
 import requests
 
+import envs
+import train
 import users
+from dist_train import add_comma_gym
 from openai_server import OpenAIServer
+from test_train import CommaEnv
 
 ROOT = Path(__file__).resolve().parent.parent
 MSG = [{"role": "system", "content": "Answer Yes or No."}, {"role": "user", "content": "Is it big?"}]
@@ -93,3 +101,74 @@ def test_a_server_that_dies_or_never_gets_healthy_stops_with_its_log(tmp_path):
     assert stubborn.proc.poll() is not None
     with pytest.raises(ProcessLookupError):
         os.killpg(stubborn.proc.pid, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.py --user.serve_cmd: the server lives exactly as long as the run
+
+
+SERVE = ["--user.backend", "http", "--user.model", "fake-user", "--user.serve_cmd"]
+SERVER = f"{sys.executable} tests/openai_server.py --port {{port}} --model fake-user"
+
+
+def run_main(monkeypatch, tmp_path, *argv) -> str:
+    """`python tests/dist_train.py ARGV` in this process (the comma gym, one process); its exit message."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # main sets it for training, not for the server
+    monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)  # first, so that the test's end removes it again
+    monkeypatch.setattr(envs, "load_tasks", add_comma_gym(envs.GYMS, envs.load_tasks))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--algo", "grpo", "--gyms", '{"comma": 1}', "--rollout.progress", "false", "--save_every", "0",
+                    "--out_dir", str(tmp_path / "run"), *argv])
+    return str(e.value.code)
+
+
+def port_closed(log: Path) -> bool:
+    port = int(log.read_text().split("http://127.0.0.1:")[1].split("/")[0])
+    try:
+        requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+    except requests.ConnectionError:
+        return True
+    return False
+
+
+def test_a_server_that_fails_to_start_stops_the_run_before_any_model_loads(monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    dying = (f"{sys.executable} -c \"import os; print('CUDA out of memory on port {{port}}', "
+             "repr(os.environ.get('CUDA_VISIBLE_DEVICES')), os.environ.get('PYTORCH_CUDA_ALLOC_CONF')); "
+             "raise SystemExit(3)\"")
+    line = run_main(monkeypatch, tmp_path, *SERVE, dying)
+    assert line.startswith("user server exited with code 3 before it was healthy") and "CUDA out of memory" in line
+    assert "'' None" in line  # no GPUs kept for it (--user.serve_gpus 0), and none of train.py's allocator setting
+    assert not (tmp_path / "run" / "train.lock").exists() and not (tmp_path / "run" / "config.json").exists()
+    # a server of another model: the probe names both
+    line = run_main(monkeypatch, tmp_path, *SERVE, SERVER.replace("fake-user", "other-model"))
+    assert line.startswith("user server: ") and "does not serve 'fake-user'; it serves ['other-model']" in line, line
+    assert port_closed(tmp_path / "run" / "user-server.log")
+
+
+def test_a_server_that_dies_during_the_run_stops_it_with_its_last_lines(monkeypatch, tmp_path):
+    dies = (f"{sys.executable} -c \"import sys, time; sys.path.insert(0, 'tests'); import openai_server; "
+            "openai_server.OpenAIServer(int(sys.argv[1]), 'fake-user'); print('serving, then the GPU fell off', "
+            "flush=True); time.sleep(4); raise SystemExit(7)\" {port}")
+    t0 = time.monotonic()
+    line = run_main(monkeypatch, tmp_path, "--steps", "1000", *SERVE, dies)
+    assert line.startswith("user server exited with code 7 during the run") and "the GPU fell off" in line, line
+    assert time.monotonic() - t0 < 60  # not 1,000 steps: stopped when the server died
+    assert not (tmp_path / "run" / "train.lock").exists()
+
+
+def test_sigterm_stops_the_run_and_its_server_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "tests/dist_train.py", "--steps", "1000", "--gyms", '{"comma": 1}',
+                          "--rollout.progress", "false", "--save_every", "0", "--out_dir", str(out), *SERVE, SERVER],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, stderr = p.communicate(timeout=60)
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith("steps")]
+    assert p.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted during step "), stderr[-2000:]
+    assert port_closed(out / "user-server.log") and not (out / "train.lock").exists()
