@@ -921,7 +921,8 @@ def recipe(cfg: Config, task_pool: dict | None = None) -> Path:
 
 
 def print_recipe_table(run_dir: Path):
-    """The last evaluation of each phase, as the paper's table: score (valid-call rate) per gym, then Avg."""
+    """The last evaluation of each phase, as the paper's table: score (valid-call rate) per gym, then Avg; then each
+    phase's gain over the one before it, with its standard error over the test tasks (eval.gap)."""
     last = {}
     for line in (run_dir / "evals.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -929,6 +930,11 @@ def print_recipe_table(run_dir: Path):
     rows = {f"{phase} (step {rec['step']})": rec for phase, rec in last.items()}
     print(f"\n{run_dir}/evals.jsonl: score (valid tool calls) per gym, greedy, test split")
     print(evaluation.runs_table(rows, valid=True))
+    phases = list(last)
+    for old, new in zip(phases, phases[1:]):  # the noise: a gap within ~2 standard errors is not a difference
+        g = evaluation.gap(last[new], last[old])
+        if g:
+            print(f"{new} - {old}: {g[0]:+.3f} +- {g[1]:.3f} (mean over {g[2]} test tasks +- its standard error)")
 
 
 def main(argv: list[str], entry: str = __file__):

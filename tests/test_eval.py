@@ -47,6 +47,18 @@ def test_avg_is_weighted_by_items():
     assert res["per_gym"]["b"]["valid_call_rate"] == 0.5
 
 
+
+def test_gap_pairs_the_tasks_both_runs_scored():
+    def results(scores):
+        return ev.summarize([{"gym": g, "task_id": t, "score": s, "failed": False, "turns": 1, "valid_calls": 1}
+                             for (g, t), s in scores.items()])
+    old = results({("a", 0): 0.0, ("a", 1): 0.5, ("b", 0): 1.0})
+    new = results({("a", 0): 0.2, ("a", 1): 0.9, ("b", 0): 1.0, ("b", 1): 1.0})  # b/1: not in old, left out
+    mean, se, n = ev.gap(new, old)
+    # differences 0.2, 0.4, 0.0: mean 0.2, sample sd 0.2, standard error 0.2 / sqrt(3)
+    assert n == 3 and mean == pytest.approx(0.2) and se == pytest.approx(0.2 / 3 ** 0.5)
+    assert ev.gap(new, results({("c", 0): 1.0})) is None
+
 def test_passes_vary_the_expert_and_pass_at_k_takes_the_best(tmp_path):
     res = run("--agent", "expert", "--gyms", "persuade", "--tasks", "3", "--passes", "3", "--split", "train",
               "--out", str(tmp_path))
