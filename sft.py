@@ -3,7 +3,7 @@ the paper's finding 1: the cold start is what lets RL improve a raw model).
 
     python eval.py --agent expert --split train --passes 4 --out runs/expert     # demonstrations (or an API model)
     python train.py --algo sft --sft_data runs/expert/episodes.jsonl --out_dir runs/sft
-    python train.py --algo grpo --model runs/sft/ckpt-000100 ...                # GRPO from the SFT checkpoint
+    python train.py --algo grpo --model runs/sft/final ...                      # GRPO from the SFT export
 
 Data: eval.py's episodes.jsonl (any agent: the expert, an API model, a past run; failed episodes are dropped,
 `--sft_min_score x` keeps episodes scoring at least x), or the original UserRL SFT layout (LLaMA-Factory's
