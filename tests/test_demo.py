@@ -23,6 +23,7 @@ def test_the_demo_runs_every_phase_and_prints_the_table(tmp_path, capsys):
     run = tmp_path / "run"
     assert phases(run) == [("untrained", 0), ("sft", 2), ("grpo", 1)]
     first = json.loads((run / "evals.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"phase", "step", "avg", "per_gym"}
     assert set(first["per_gym"]) == {"intention", "persuade"}  # configs/demo.json's evaluation gyms
     assert {"score", "n", "failed", "turns", "valid_call_rate"} <= set(first["per_gym"]["intention"])
     # the SFT phase is a run of its own, trained on expert episodes it played; GRPO started from its export
@@ -35,6 +36,9 @@ def test_the_demo_runs_every_phase_and_prints_the_table(tmp_path, capsys):
     table = out[out.index("evals.jsonl: score"):].splitlines()
     assert table[1].split() == ["intention", "persuade", "Avg"]
     assert [line.split("(step")[0].strip() for line in table[2:5]] == ["untrained", "sft", "grpo"]
+    # each phase's gain over the one before, paired over the 2 test tasks (1 per gym)
+    assert table[5].startswith("sft - untrained: ") and "over 2 test tasks" in table[5]
+    assert table[6].startswith("grpo - sft: ")
 
 
 def test_without_sft_grpo_starts_from_the_untrained_model(tmp_path):
