@@ -579,10 +579,17 @@ def pack(episodes, pad_id: int, device):
 def hidden_states(model, ids, attn, bf16: bool):
     """Final (normed) hidden states of every position. The model's own forward is called, so FSDP gathers
     its shards, but only one position's logits are computed: the vocab projection happens in grpo.py, on
-    loss positions only."""
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    return out.hidden_states[-1]
+    loss positions only. The output is caught by a hook on the decoder's final norm rather than asked for
+    with `output_hidden_states`, which would keep every layer's output alive (layers + 1 tensors of
+    [rows, T, hidden]: 3.3 GB at Qwen3-4B in the no-grad pass, where nothing else needs them)."""
+    caught = []
+    hook = model.get_decoder().norm.register_forward_hook(lambda module, args, out: caught.append(out))
+    try:
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(input_ids=ids, attention_mask=attn, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return caught[0]
 
 
 def dummy_hidden(model, pad_id: int, bf16: bool):

@@ -29,6 +29,7 @@ import ast
 import json
 import os
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -402,6 +403,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _term_when_parent_dies():
+    """Runs in the server's process before its command (Linux): the kernel sends it SIGTERM when the process that
+    started it dies, even by SIGKILL or the OOM killer, when `close()` never runs. Without it the server (and the
+    GPUs it holds) outlives a killed run. prctl option 1 is PR_SET_PDEATHSIG."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 class UserServer:
     """Runs `cmd`, any command that serves the OpenAI API on 127.0.0.1 (e.g. "vllm serve Qwen/Qwen3-32B --port
     {port}"), as a child process in its own process group, with `env` applied to this process's environment (a
@@ -436,7 +447,8 @@ class UserServer:
         self._log = open(self.log_path, "ab")
         env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
         self.proc = subprocess.Popen(shlex.split(self.cmd), stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=_term_when_parent_dies if sys.platform == "linux" else None)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

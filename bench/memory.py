@@ -191,7 +191,6 @@ def plan(cfg, gpus: int, s: Shape, prompt_tokens: int = 1152) -> tuple[list[Item
         add("autocast bf16 weight copies (saved)", 2 * P, TRAIN)
     if masked:
         add(f"attention mask, bool {mb} x {T:,}^2", mb * T * T, ("logprob",) + TRAIN)
-    add("today: output_hidden_states keeps all layers", (s.layers + 1) * mb * T * s.hidden * res, ("logprob",))
     add("no-grad pass: one layer's working set", mb * T * (3 * s.intermediate + 3 * q) * lo, ("logprob",))
     add(f"log-prob tiles: 2 x {chunk:,} x {s.vocab:,} fp32", 2 * chunk * s.vocab * 4, ("logprob",))
     ckpt = s.layers * mb * T * s.hidden * res

@@ -85,6 +85,31 @@ def test_user_server_starts_a_command_and_stops_it(tmp_path):
     assert "serving served-model" in log.read_text()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_run_does_not_leave_its_user_server_behind(tmp_path):
+    """SIGKILL gives the run no chance to stop its server; the kernel does it (the server holds GPUs)."""
+    cmd = f"{sys.executable} {ROOT / 'tests' / 'openai_server.py'} --port {{port}} --model served-model"
+    run = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); import users; "
+        "srv = users.UserServer(sys.argv[2], sys.argv[3], timeout=60); srv.start(); "
+        "print(srv.proc.pid, srv.base_url, flush=True); time.sleep(600)"),
+        str(ROOT), cmd, str(tmp_path / "user-server.log")], stdout=subprocess.PIPE, text=True)
+    pid, base_url = run.stdout.readline().split()
+    assert requests.get(base_url + "/models", timeout=5).status_code == 200
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    for _ in range(100):
+        try:  # gone, or a zombie nobody reaped yet (the state after the command's name in /proc/PID/stat)
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(int(pid), signal.SIGKILL)
+        raise AssertionError("the user server outlived the run that started it")
+
+
 def test_a_server_that_dies_or_never_gets_healthy_stops_with_its_log(tmp_path):
     dying = f"{sys.executable} -c \"print('CUDA out of memory on port {{port}}'); raise SystemExit(3)\""
     with pytest.raises(users.UserError, match="exited with code 3") as err:
