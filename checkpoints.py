@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -200,6 +201,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def step_of(ckpt: Path | None) -> int:
+    """The step a checkpoint holds (0 for None: the start)."""
+    return int(CKPT.fullmatch(ckpt.name)[1]) if ckpt else 0
+
+
 def check_resumable(run_dir: Path):
     """Refuse, before any work, a run whose latest checkpoint is of the format written before sharded checkpoints
     (a full model.safetensors and an optimizer in trainer_state.pt): its weights can start a new run."""
@@ -286,6 +292,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     if rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         torch.save({"step": step, "world": world, **trainer_state}, tmp / "trainer_state.pt")
+    signal_point("checkpoint", step)
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -295,6 +302,20 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         prune(run_dir, keep_last)
     if dist.is_initialized():
         dist.barrier()  # the checkpoint is the latest on every rank before any goes on
+
+
+SIGNAL_AT = "USERRL_SIGNAL_AT"
+
+
+def signal_point(point: str, step: int):
+    """A test hook, so that tests interrupt each phase of a step deterministically rather than on a timer: with
+    USERRL_SIGNAL_AT=POINT@STEP:SIGNAL in the environment (e.g. checkpoint@2:SIGTERM; several separated by commas)
+    this process sends itself SIGNAL when step STEP reaches POINT, each once a step: rollout (its first chunk of
+    tasks done), update (as it starts), checkpoint (every shard written, the folder not yet renamed into place)."""
+    for spec in filter(None, os.environ.get(SIGNAL_AT, "").split(",")):
+        where, _, name = spec.partition(":")
+        if where == f"{point}@{step}":
+            os.kill(os.getpid(), getattr(signal, name))
 
 
 def prune(run_dir: Path, keep_last: int):

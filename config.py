@@ -7,6 +7,11 @@ wrong type and non-finite floats (inf, nan) raise ConfigError with a message tha
 with `_` in a JSON file are comments. A caller may name `fixed` keys that neither the command line nor a recipe
 may set (a value derived from another key), each with the reason.
 
+Secrets never enter a config: the run folder keeps config.json, and a shell keeps its history. An API key is read
+from the environment variable a `*api_key_env` field names (e.g. --user.api_key_env, default OPENAI_API_KEY); a key
+given as `--api_key`, `--user.api_key`, `--token` and the like, a `*api_key_env` value that is not a variable name
+(a key pasted there), or a `*base_url` with a password in it, is refused with a message that never shows the value.
+
 `check_before_work(cfg)` then reads what the config needs from the machine: the device, the ranks, the models'
 names, every task file, the user endpoint. Each problem is one line (ConfigError naming the key, DataError naming
 the file), raised before the run folder exists and before any model loads. `plan_ranks(cfg)` is the part about
@@ -18,6 +23,7 @@ import math
 import os
 import re
 import typing
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +38,30 @@ import users
 
 class ConfigError(ValueError):
     """A mistake in the config or the command line; the message starts with the key (--lr: ...)."""
+
+
+SECRET_NAME = re.compile(r"(?:\w+_)?(?:api_?key|key|token|secret|password)")
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def _refuse_secret(cfg_obj, key: str, name: str, fields: dict):
+    """A secret given as a config key: say which environment variable to put it in instead."""
+    env_field = next((f for f in (f"{name}_env", "api_key_env") if f in fields), None)
+    env_field = env_field or next((f for f in sorted(fields) if f.endswith("api_key_env")), None)
+    var = getattr(cfg_obj, env_field) if env_field else "OPENAI_API_KEY"
+    prefix = key[: len(key) - len(name)]
+    other = f" (or name another variable with --{prefix}{env_field})" if env_field else ""
+    raise ConfigError(f"--{key}: API keys are read only from environment variables, never from a flag or a config "
+                      f"file (the run folder keeps its config): export {var}=...{other}")
+
+
+def _check_secret_free(key: str, name: str, value):
+    if name.endswith("api_key_env") and not ENV_NAME.fullmatch(value):
+        raise ConfigError(f"--{key}: the NAME of the environment variable that holds the key, such as OPENAI_API_KEY "
+                          "(capitals, digits, _); the value given is not one (not shown: it may be the key itself)")
+    if name.endswith("base_url") and value and urllib.parse.urlsplit(value).password:
+        raise ConfigError(f"--{key}: a URL with a password in it (not shown) would be kept in the run folder's "
+                          "config; put the key in the environment variable the api_key_env key names")
 
 
 class DataError(ValueError):
@@ -81,6 +111,8 @@ def _set(cfg, key: str, value, fixed: dict):
     obj, *path = cfg, *key.split(".")
     for i, name in enumerate(path):
         fields = {f.name: f for f in dataclasses.fields(obj)}
+        if name not in fields and SECRET_NAME.fullmatch(name):
+            _refuse_secret(obj, key, name, fields)
         if name not in fields:
             raise ConfigError(f"--{key}: unknown config key (known: {', '.join(sorted(fields))})")
         if i < len(path) - 1:
@@ -93,7 +125,10 @@ def _set(cfg, key: str, value, fixed: dict):
             for sub, v in value.items():
                 _set(cfg, f"{key}.{sub}", v, fixed)
         else:
-            setattr(obj, name, _convert(key, value, _field_type(obj, name)))
+            value = _convert(key, value, _field_type(obj, name))
+            if isinstance(value, str):
+                _check_secret_free(key, name, value)
+            setattr(obj, name, value)
 
 
 def _field_type(obj, name: str):
@@ -188,7 +223,7 @@ def check_before_work(cfg, task_pool: dict | None = None, launching: bool = Fals
         try:
             users.from_config(cfg.user).probe()
         except users.UserError as e:
-            raise ConfigError(f"--user.base_url: {e} (--user.probe false skips this check)") from None
+            raise ConfigError(f"--user.base_url: {e.message} (--user.probe false skips this check)") from None
     return tasks
 
 

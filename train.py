@@ -22,6 +22,9 @@ One step (`step()` below; paper section 4) runs six phases, in this order:
   4. recompute the old log-probs of the generated tokens with the training forward (no grad)
   5. `ppo_epochs` passes of clipped-ratio AdamW updates over mini-batches, with the fused log-prob (grpo.py)
   6. log metrics and transcripts, evaluate, checkpoint
+A step in which more than --max_failed_frac of the episodes lost their user stops the run before phase 3. The first
+Ctrl-C or SIGTERM abandons a step before its update and lets it finish from the update on; either way the state is
+checkpointed and --resume continues exactly (Stop).
 Before the first step, every check that can fail runs (config values, device, ranks, model name, task files, the
 user endpoint), before the run folder exists and before any model loads; then the folder is claimed
 (checkpoints.py), the user server started (--user.serve_cmd), and, with more than one GPU (or --nproc N, or
@@ -38,9 +41,9 @@ import dataclasses
 import json
 import os
 import random
-import re
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -62,7 +65,7 @@ from config import ConfigError, DataError, Tasks, apply_args, check_before_work,
 from grpo import STATS, LossConfig, chunk_tokens, grpo_loss, loss_weights, naive_grpo_loss, token_logprobs
 from models import load_model, refresh_rollout_copy, rollout_copy
 from rollout import RolloutConfig, rollout
-from users import UserConfig
+from users import UserConfig, failure_reason
 
 # The paper trains on Travel, Turtle, Persuade, Function and Tau and holds out Intention, Telepathy and Search
 # for evaluation.
@@ -204,6 +207,10 @@ class Config:
     """evaluate every N steps (0 = never; the paper: 5)"""
     transcripts: int = 2
     """episodes per step written to transcripts.jsonl"""
+    max_failed_frac: float = 0.5
+    """stop the run when more than this fraction of a step's episodes failed (their user endpoint erred or hung),
+    before training on that step: the episodes left are the tasks that happened to work, a biased batch. The
+    message names the endpoint and the reasons; 1 never stops (failed episodes are always left out of the loss)"""
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -246,6 +253,7 @@ def validate(cfg: Config):
     check(cfg.grad_clip > 0, "grad_clip", f"must be > 0, got {cfg.grad_clip}")
     check(cfg.nproc >= 0, "nproc", f"must be >= 0 (0 = one rank per GPU), got {cfg.nproc}")
     check(cfg.dist_timeout_min > 0, "dist_timeout_min", f"must be > 0, got {cfg.dist_timeout_min}")
+    check(0 <= cfg.max_failed_frac <= 1, "max_failed_frac", f"must be in [0, 1], got {cfg.max_failed_frac}")
     for key in ("steps", "rollout_tasks", "save_every", "keep_last", "export_every", "eval_every", "eval_tasks",
                 "transcripts"):
         check(getattr(cfg, key) >= 0, key, f"must be >= 0, got {getattr(cfg, key)}")
@@ -320,6 +328,40 @@ class TaskSampler:
 
 
 @dataclass
+class Stop:
+    """Ctrl-C and SIGTERM in a one-process run (train() installs `handle` for both, for the steps). The first one
+    before a step's update abandons the step: nothing has changed the weights yet, so its random draws are undone,
+    the state before it is checkpointed (if it is not already) and resume redoes it. From the update on, the first
+    one is held: the step finishes (update, logs, checkpoint), a checkpoint of it is written if it was not due, and
+    then the run stops. Either way resume continues exactly where an uninterrupted run would be. A second signal
+    stops at once: a save it cuts short is a .tmp folder, and the last complete checkpoint stays the latest."""
+
+    signals: int = 0
+    signum: int = 0
+    """the first signal (SIGINT, SIGTERM)"""
+    holding: bool = False
+    """set from a step's update until the next step starts"""
+
+    def handle(self, signum, frame):
+        self.signals += 1
+        self.signum = self.signum or signum
+        if self.signals > 1 or not self.holding:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self, on: bool):
+        if not on:
+            yield
+            return
+        previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+@dataclass
 class Trainer:
     """What every step reads; built once by set_up()."""
 
@@ -342,6 +384,7 @@ class Trainer:
     """the simulated user (None: each env builds its scripted one)"""
     start: int
     """steps done before this process started (from the checkpoint resumed)"""
+    stop: Stop = field(default_factory=Stop)
 
 
 @dataclass
@@ -376,6 +419,7 @@ def step(t: Trainer, n: int) -> dict:
     # 2. roll out a group of episodes per task against the simulated user
     with phase(m, "rollout", device):
         episodes, m["time_user"] = roll_out(t, [batch[i] for i in mine], mine, n)
+    check_failures(t, n, episodes)
     if device.type == "cuda":  # the KV cache is gone: hand its blocks back before the training forward
         torch.cuda.empty_cache()
     task_of = [mine[j // cfg.group_size] for j in range(len(episodes))]
@@ -390,7 +434,9 @@ def step(t: Trainer, n: int) -> dict:
         train_batch.old_logprobs, entropies = recompute_logprobs(t.model, train_batch, cfg)
         if t.ref_model is not None:
             train_batch.ref_logprobs, _ = recompute_logprobs(t.ref_model, train_batch, cfg)
-    # 5. clipped-ratio updates
+    # 5. clipped-ratio updates; from here on the step is finished before a signal stops the run (Stop)
+    t.stop.holding = True
+    checkpoints.signal_point("update", n)
     with phase(m, "update", device):
         m.update(update(t.model, t.optimizer, train_batch, cfg))
     # 6. log, evaluate, checkpoint (the step's lines reach the disk before its checkpoint becomes the latest)
@@ -403,11 +449,16 @@ def step(t: Trainer, n: int) -> dict:
     if rank == 0:
         checkpoints.append_step(t.run_dir, m, episodes[: cfg.transcripts], t.tokenizer)
     if cfg.save_every and n % cfg.save_every == 0:
-        checkpoints.save_checkpoint(t.run_dir, n, t.model, t.optimizer, {"sampler": t.sampler.rng.getstate()}, rank,
-                                    cfg.keep_last)
+        save(t, n)
     if cfg.export_every and n % cfg.export_every == 0 and n < cfg.steps:  # the last step's export is RUN/final
         export(t, f"export-{n:06d}")
     return m
+
+
+def save(t: Trainer, n: int):
+    """The resumable checkpoint RUN/ckpt-<n> of the state after step n (every rank calls it)."""
+    checkpoints.save_checkpoint(t.run_dir, n, t.model, t.optimizer, {"sampler": t.sampler.rng.getstate()},
+                                t.ranks.rank, t.cfg.keep_last)
 
 
 def export(t: Trainer, name: str):
@@ -451,6 +502,8 @@ def roll_out(t: Trainer, tasks: list, index: list, n: int) -> tuple[list, float]
         episodes += rollout(t.rollout_model, t.tokenizer, tasks[i:i + chunk], cfg.group_size, cfg.rollout,
                             user=t.user, stats=stats)
         time_user += stats["time_env"]
+        if i == 0:
+            checkpoints.signal_point("rollout", n)
     for e in episodes:
         e.info["step"] = n
     return episodes, time_user
@@ -458,11 +511,11 @@ def roll_out(t: Trainer, tasks: list, index: list, n: int) -> tuple[list, float]
 
 def score_and_advantages(episodes: list, groups: list, cfg: Config) -> tuple[list, list]:
     """Phase 3 (paper section 3.2; rewards.py): each episode's trajectory score, normalised within its group into
-    the GRPO advantage, then spread over its generated tokens with per-turn credits. Returns (scores, token
-    advantages per episode)."""
+    the GRPO advantage, then spread over its generated tokens with per-turn credits (each credit function gets the
+    episode's turn_info). Returns (scores, token advantages per episode)."""
     scores = [rewards.trajectory_score(e.turn_rewards, cfg.score, cfg.gamma) for e in episodes]
     group_advs = rewards.group_advantages(scores, groups, cfg.use_std)
-    credits = [rewards.turn_credits(e.turn_rewards, cfg.credit, cfg.gamma) for e in episodes]
+    credits = [rewards.turn_credits(e.turn_rewards, cfg.credit, cfg.gamma, e.turn_info) for e in episodes]
     turn_lens = [[sum(e.loss_mask[a:b]) for a, b in e.turn_spans] for e in episodes]
     return scores, rewards.SCHEMES[cfg.scheme](credits, turn_lens, group_advs, groups, cfg.use_std, cfg.lam)
 
@@ -622,15 +675,6 @@ def evaluate(t: Trainer, n: int) -> dict:
     return evaluation.eval_metrics(results)
 
 
-# Why a user call failed, from users.UserError's message (metrics count failed/<reason>).
-FAILURE_REASONS = (("timeout", r"no reply within"), ("connection", r"connection failed"), ("rate_limit", r"HTTP 429"),
-                   ("server_error", r"HTTP 5\d\d"), ("client_error", r"HTTP 4\d\d"), ("malformed", r"malformed"))
-
-
-def failure_reason(error: str) -> str:
-    return next((reason for reason, pattern in FAILURE_REASONS if re.search(pattern, error or "")), "other")
-
-
 def episode_metrics(episodes: list, scores: list, advantages: list, groups: list) -> dict:
     """Per-step statistics over the episodes of every rank; failed episodes count only in failed_* and end/*."""
     rows = [{"gym": e.gym, "reward": sum(e.turn_rewards), "failed": e.failed, "turns": len(e.turn_rewards),
@@ -657,11 +701,48 @@ def episode_metrics(episodes: list, scores: list, advantages: list, groups: list
     for reason in sorted({r["end"] for r in rows}, key=str):
         m[f"end/{reason}"] = sum(r["end"] == reason for r in rows)
     failed = [r for r in rows if r["failed"]]
-    for reason in sorted({failure_reason(r["error"]) for r in failed}):
-        m[f"failed/{reason}"] = sum(failure_reason(r["error"]) == reason for r in failed)
+    for reason, count in sorted(failure_counts(failed).items()):
+        m[f"failed/{reason}"] = count
     if failed:
         m["failed_example"] = failed[0]["error"]
     return m
+
+
+def failure_counts(rows: list) -> dict:
+    """{reason: failed episodes} (users.REASONS codes, or the rollout's env_timeout) of rows with an "error"."""
+    counts = {}
+    for r in rows:
+        reason = failure_reason(r["error"])
+        counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def user_where(t: Trainer) -> str:
+    """The simulated user, as a message names it: the endpoint (URL and model) for http."""
+    if t.cfg.user.backend == "http":
+        return f"user endpoint {t.user.base_url}, model {t.user.model}"
+    return f"{t.cfg.user.backend} user" + (f" {t.cfg.user.model}" if t.cfg.user.model else "")
+
+
+class TooManyFailures(Exception):
+    """A step in which more than --max_failed_frac of the episodes failed; the run stops before training on it."""
+
+
+def check_failures(t: Trainer, n: int, episodes: list):
+    """Raise TooManyFailures (on every rank) when more than `max_failed_frac` of step n's episodes, over all ranks,
+    failed. Nothing of the step has been written or trained yet, so the run folder is as the last step left it."""
+    every = distributed.gather([{"error": e.info.get("error")} for e in episodes if e.failed] + [len(episodes)])
+    failed = [row for rows in every for row in rows[:-1]]
+    total = sum(rows[-1] for rows in every)
+    if not failed or len(failed) <= t.cfg.max_failed_frac * total:
+        return
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(failure_counts(failed).items(), key=lambda kv: -kv[1]))
+    ckpt = checkpoints.latest_checkpoint(t.run_dir)
+    raise TooManyFailures(
+        f"step {n}: {len(failed)} of {total} episodes failed, more than --max_failed_frac {t.cfg.max_failed_frac:g} "
+        f"({user_where(t)}): {reasons}; e.g. {(failed[0]['error'] or '')[:200]}. The run stopped before training on "
+        f"this step; " + (f"{ckpt.name} is the latest checkpoint" if ckpt else "there is no checkpoint yet") +
+        f". When the user is healthy again, {how_to_continue(t.run_dir)}")
 
 
 def logprob_metrics(batch: Batch, entropies: list) -> dict:
@@ -682,10 +763,9 @@ def print_step(m: dict, t: Trainer):
     for key in sorted(k for k in m if k.startswith("eval/") and not k.startswith("eval/valid_calls/")):
         tqdm.write(f"    {key:24s} {evaluation.fmt(m[key])}")
     if m["failed_episodes"] * 2 > m["episodes"]:  # a batch this biased is not worth much: say so where it is seen
-        where = f"endpoint {t.user.base_url}" if t.cfg.user.backend == "http" else f"{t.cfg.user.backend} user"
         reasons = ", ".join(f"{k[len('failed/'):]} {v}" for k, v in m.items() if k.startswith("failed/"))
         tqdm.write(f"warning: step {m['step']}: {m['failed_episodes']} of {m['episodes']} episodes failed "
-                   f"({where}): {reasons}; e.g. {m['failed_example'][:300]}")
+                   f"({user_where(t)}): {reasons}; e.g. {m['failed_example'][:300]}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -764,7 +844,50 @@ def drop_evals_after(run_dir: Path, phase: str, step: int):
 
 
 class Interrupted(Exception):
-    """Ctrl-C (or SIGTERM) during a run; its message says where the run stopped and how to continue it."""
+    """Ctrl-C (or SIGTERM) during a run; its message says where the run stopped and how to continue it. `code`: the
+    exit status, 128 + the signal's number (130 for Ctrl-C)."""
+
+    def __init__(self, message: str, code: int = 128 + signal.SIGINT):
+        super().__init__(message)
+        self.code = code
+
+
+def stoppable_step(t: Trainer, n: int) -> dict:
+    """step(t, n), or, when the first signal comes before its update (Stop), the step abandoned: the sampler and
+    RNG states are put back as they were before it, that state is checkpointed unless the latest checkpoint holds
+    it already, and Interrupted says so."""
+    t.stop.holding = False
+    if t.stop.signals:  # held in the last moments of step n - 1, after its check
+        raise stop_after(t, n - 1)
+    sampler, rng = t.sampler.rng.getstate(), checkpoints.rng_state()
+    try:
+        return step(t, n)
+    except KeyboardInterrupt:
+        if t.stop.signals != 1 or t.stop.holding:  # not ours, or a second signal: stop at once
+            raise
+    t.stop.holding = True  # a second signal now stops the save below at once
+    t.sampler.rng.setstate(sampler)
+    checkpoints.set_rng_state(rng)
+    where = f"ckpt-{n - 1:06d} holds step {n - 1}"
+    if n == 1:
+        where = "no checkpoint yet: it starts again from step 1"
+    elif checkpoints.step_of(checkpoints.latest_checkpoint(t.run_dir)) < n - 1:
+        save(t, n - 1)
+        where = f"the state after step {n - 1} saved now as ckpt-{n - 1:06d}"
+    raise Interrupted(f"interrupted by {signal.Signals(t.stop.signum).name} during step {n} of {t.cfg.steps}: the step "
+                      f"was abandoned before its update ({where}); {how_to_continue(t.run_dir)}", 128 + t.stop.signum)
+
+
+def stop_after(t: Trainer, n: int) -> Interrupted:
+    """What a signal held until step n finished raises; step n is checkpointed first if it was not due."""
+    saved = " (saved now)"
+    if checkpoints.step_of(checkpoints.latest_checkpoint(t.run_dir)) == n:
+        saved = ""
+    else:
+        save(t, n)
+    return Interrupted(f"interrupted by {signal.Signals(t.stop.signum).name} during step {n} of {t.cfg.steps}: the "
+                       f"step was finished and checkpointed as ckpt-{n:06d}{saved}; {how_to_continue(t.run_dir)}",
+                       128 + t.stop.signum)
 
 
 def in_run_folder(cfg: Config, task_pool: dict | None, loop) -> Path:
@@ -807,13 +930,18 @@ def train(cfg: Config, task_pool: dict | None = None) -> Path:
         at["steps"] = cfg.steps
         bar = tqdm(range(t.start + 1, cfg.steps + 1), initial=t.start, total=cfg.steps, desc="steps",
                    disable=ranks.rank != 0)
-        for n in bar:
-            at["step"] = n
-            m = step(t, n)
-            if ranks.rank == 0:
-                print_step(m, t)
-        if t.start < cfg.steps or not (run_dir / "final").exists():
-            export(t, "final")
+        one_process = ranks.world == 1 and not distributed.launched_run_dir() and \
+            threading.current_thread() is threading.main_thread()
+        with t.stop.installed(one_process):
+            for n in bar:
+                at["step"] = n
+                m = stoppable_step(t, n)
+                if ranks.rank == 0:
+                    print_step(m, t)
+                if t.stop.signals:
+                    raise stop_after(t, n)
+            if t.start < cfg.steps or not (run_dir / "final").exists():
+                export(t, "final")
 
     return in_run_folder(cfg, task_pool, loop)
 
@@ -976,11 +1104,13 @@ def main(argv: list[str], entry: str = __file__):
         kind = "config" if isinstance(e, ConfigError) else "data"
         sys.exit(f"{kind} error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # every rank has the same line
     except users.UserError as e:  # the started user server died, never got healthy, or serves another model
-        sys.exit(str(e) if os.environ.get("RANK", "0") == "0" else 1)
+        sys.exit(e.message if os.environ.get("RANK", "0") == "0" else 1)
+    except TooManyFailures as e:
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
     except (Interrupted, KeyboardInterrupt) as e:  # one line, not a traceback
         if report:
             print(str(e) or "interrupted before the run started; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(e, "code", 128 + signal.SIGINT))
     finally:
         if launching:
             signal.signal(signal.SIGTERM, previous)

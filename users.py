@@ -21,8 +21,9 @@ GPU (a 32B user is 64 GB per rank, beside the policy). For large users, serve th
 `--user.serve_cmd "vllm serve Qwen/Qwen3-32B --port {port}" --user.serve_gpus 2` starts an OpenAI-compatible server
 on GPUs of its own (UserServer, below) and points the http user at it.
 
-Every way an endpoint can fail after its retries raises UserError (the rollout catches it per episode).
-Its message never contains the API key.
+Every way an endpoint can fail after its retries raises UserError (the rollout catches it per episode), with a
+short stable `reason` (http_500, timeout, ...: REASONS) that train.py counts per step. Its message never contains
+the API key, and the key is read only from the environment (`api_key_env`), never from a flag or a file.
 """
 import _thread
 import ast
@@ -40,8 +41,41 @@ from functools import lru_cache
 import requests
 
 
+REASONS = {
+    "http_<status>": "the endpoint answered with that status: 429 or 5xx after every retry, any other at once",
+    "timeout": "no reply within the timeout, every attempt",
+    "connection": "the connection was refused or dropped, every attempt",
+    "malformed_json": "a 200 reply whose body is not JSON, every attempt",
+    "empty_choices": "a 200 reply without an assistant message (no choices), every attempt",
+    "no_rule": "the scripted user was asked for a free-form reply",
+    "server": "the user server started for the run failed (train.py stops)",
+    "other": "anything else",
+}
+"""UserError.reason codes. A role's reply in the wrong format is not among them: the gyms read it as a reply that
+says nothing (reward 0), and the episode goes on."""
+
+
 class UserError(RuntimeError):
-    """A simulated user could not reply (endpoint down, stalled, rate-limited or returning junk, after retries)."""
+    """A simulated user could not reply (endpoint down, stalled, rate-limited or returning junk, after retries).
+    `reason` is one of REASONS. The text starts with it ("http_500: http://...: HTTP 500 ..."), so a failure kept
+    as text (rollout's info["error"]) still says why: failure_reason reads it back."""
+
+    def __init__(self, message: str, reason: str = "other"):
+        super().__init__(f"{reason}: {message}")
+        self.message, self.reason = message, reason
+
+    def __reduce__(self):  # pickled as its two fields (the default would re-prefix the text)
+        return type(self), (self.message, self.reason)
+
+
+REASON_RE = re.compile(r"(?:^|UserError: )(http_\d{3}|[a-z][a-z_]*): ")
+
+
+def failure_reason(error: str) -> str:
+    """The reason code of a failed episode's error text: a UserError's, or the rollout's own ("env_timeout: ...");
+    "other" when the text names none."""
+    m = REASON_RE.search(error or "")
+    return m.group(1) if m else "other"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,7 +167,7 @@ class ScriptedUser:
         return rule(**facts)
 
     def reply(self, messages: list) -> str:
-        raise UserError("the scripted user has no free-form reply: it answers only a role, through act()")
+        raise UserError("the scripted user has no free-form reply: it answers only a role, through act()", "no_rule")
 
     def reply_batch(self, batch: list) -> list:
         return [self.reply(m) for m in batch]
@@ -148,8 +182,9 @@ def post_with_retries(post, url: str, body: dict, headers: dict, *, timeout: flo
     """POST `body` as JSON to `url` with `post` (requests.post or a Session's) and return `read(response)` of a
     200 reply. Timeouts, connection errors, 429, 5xx and a reply that `read` finds malformed (it returns None)
     are retried after `backoff` seconds, doubling each time (longer when a Retry-After header asks, up to 60 s);
-    any other status is final. Every failure raises `fail(message)`, the caller's error with its key hidden;
-    `where` names the endpoint in messages (default: the url). Shared by HTTPUser and search.SerperSearch."""
+    any other status is final. Every failure raises `fail(message, reason)`, the caller's error with its key hidden
+    (`reason`: a REASONS code); `where` names the endpoint in messages (default: the url). Shared by HTTPUser and
+    search.SerperSearch."""
     where = where or url
     attempts = max_retries + 1
     for attempt in range(attempts):
@@ -157,25 +192,34 @@ def post_with_retries(post, url: str, body: dict, headers: dict, *, timeout: flo
         try:
             r = post(url, json=body, headers=headers, timeout=timeout)
         except requests.Timeout:
-            problem = f"no reply within {timeout} s"
+            problem, reason = f"no reply within {timeout} s", "timeout"
         except requests.RequestException as e:
-            problem = f"connection failed ({type(e).__name__})"
+            problem, reason = f"connection failed ({type(e).__name__})", "connection"
         else:
             if r.status_code == 429 or r.status_code >= 500:
-                problem = f"HTTP {r.status_code}: {r.text[:200]!r}"
+                problem, reason = f"HTTP {r.status_code}: {r.text[:200]!r}", f"http_{r.status_code}"
                 retry_after = r.headers.get("Retry-After", "")
                 if retry_after.isdigit():
                     wait = max(wait, min(float(retry_after), 60.0))
             elif r.status_code != 200:  # 400, 401, 404...: asking again will not help
-                raise fail(f"{where}: HTTP {r.status_code}: {r.text[:300]!r}")
+                raise fail(f"{where}: HTTP {r.status_code}: {r.text[:300]!r}", f"http_{r.status_code}")
             else:
                 result = read(r)
                 if result is not None:
                     return result
-                problem = f"malformed response: {r.text[:200]!r}"
+                problem, reason = f"malformed response: {r.text[:200]!r}", _malformed_reason(r)
         if attempt + 1 < attempts:
             time.sleep(wait)
-    raise fail(f"{where}: {problem} (gave up after {attempts} attempts)")
+    raise fail(f"{where}: {problem} (gave up after {attempts} attempts)", reason)
+
+
+def _malformed_reason(r) -> str:
+    """malformed_json for a body that is not JSON, else empty_choices (JSON without an assistant message)."""
+    try:
+        r.json()
+    except ValueError:
+        return "malformed_json"
+    return "empty_choices"
 
 
 def _assistant_message(r):
@@ -233,9 +277,9 @@ class HTTPUser(HTTPSettings):
     def _key(self) -> str:
         return os.environ.get(self.api_key_env, "")
 
-    def _fail(self, message: str) -> UserError:
+    def _fail(self, message: str, reason: str) -> UserError:
         key = self._key()
-        return UserError(message.replace(key, "***") if key else message)
+        return UserError(message.replace(key, "***") if key else message, reason)
 
     def probe(self, timeout: float = 10.0) -> list:
         """Check once, before any work, that GET {base_url}/models answers and lists `model`; returns the served
@@ -246,15 +290,15 @@ class HTTPUser(HTTPSettings):
         try:
             r = requests.get(url, headers=headers, timeout=timeout)
         except requests.RequestException as e:
-            raise self._fail(f"cannot reach {url} ({type(e).__name__}): is the server running?") from None
+            raise self._fail(f"cannot reach {url} ({type(e).__name__}): is the server running?", "connection") from None
         if r.status_code != 200:
-            raise self._fail(f"{url} answered HTTP {r.status_code}: {r.text[:200]!r}")
+            raise self._fail(f"{url} answered HTTP {r.status_code}: {r.text[:200]!r}", f"http_{r.status_code}")
         try:
             served = [m["id"] for m in r.json()["data"]]
         except (ValueError, KeyError, TypeError):
-            raise self._fail(f"{url} did not answer with a model list: {r.text[:200]!r}") from None
+            raise self._fail(f"{url} did not answer with a model list: {r.text[:200]!r}", "malformed_json") from None
         if self.model not in served:
-            raise self._fail(f"{url} does not serve {self.model!r}; it serves {served[:20]}")
+            raise self._fail(f"{url} does not serve {self.model!r}; it serves {served[:20]}", "other")
         return served
 
     def complete(self, messages: list, tools: list | None = None, env=None) -> dict:
@@ -454,7 +498,7 @@ class UserServer:
             if self.proc.poll() is not None:
                 self.close()
                 raise UserError(f"user server exited with code {self.proc.returncode} before it was healthy: "
-                                f"{self.cmd!r}; last lines of {self.log_path}:\n{self.tail()}")
+                                f"{self.cmd!r}; last lines of {self.log_path}:\n{self.tail()}", "server")
             try:
                 if requests.get(self.base_url + "/models", timeout=5).status_code == 200:
                     return self.base_url
@@ -463,7 +507,7 @@ class UserServer:
             time.sleep(0.5)
         self.close()
         raise UserError(f"user server not healthy after {self.timeout:.0f} s ({self.base_url}/models): {self.cmd!r}; "
-                        f"last lines of {self.log_path}:\n{self.tail()}")
+                        f"last lines of {self.log_path}:\n{self.tail()}", "server")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -526,7 +570,8 @@ def serve(cfg: UserConfig, log_path, gpus: list, env: dict | None = None):
         try:
             from_config(replace(cfg, base_url=server.base_url)).probe()
         except UserError as e:
-            raise UserError(f"user server: {e}; check --user.model against the command ({server.cmd!r})") from None
+            raise UserError(f"user server: {e.message}; check --user.model against the command ({server.cmd!r})",
+                            "server") from None
         print(f"user server: ready at {server.base_url}", flush=True)
         server.watch(lambda: (died.append(server.proc.returncode), _thread.interrupt_main()))
         try:
@@ -534,4 +579,4 @@ def serve(cfg: UserConfig, log_path, gpus: list, env: dict | None = None):
         finally:
             if died:
                 raise UserError(f"user server exited with code {died[0]} during the run: {server.cmd!r}; last lines "
-                                f"of {log_path}:\n{server.tail()}") from None
+                                f"of {log_path}:\n{server.tail()}", "server") from None

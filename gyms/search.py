@@ -301,7 +301,7 @@ class SerperSearch:
         if not os.environ.get(self.api_key_env):
             raise ValueError(f"serper search: the environment variable {self.api_key_env} is not set")
 
-    def _fail(self, message: str) -> SearchError:
+    def _fail(self, message: str, reason: str = "") -> SearchError:  # users.post_with_retries names a reason too
         key = os.environ.get(self.api_key_env, "")
         return SearchError(message.replace(key, "***") if key else message)
 

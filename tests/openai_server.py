@@ -18,6 +18,8 @@ repeatable request by request (not across threads' arrival order). The kinds, ea
   malformed      HTTP 200 whose body is not JSON
   empty_choices  HTTP 200 with "choices": []
   bad_format     HTTP 200, a well-formed reply whose text breaks every role's expected format
+With `echo_auth`, the bodies of 500 and 429 replies quote the request's Authorization header, as some providers'
+error replies quote the key they were sent: a test can then check that the key never reaches a log.
 An "ok" reply comes from `reply_fn(body) -> str` (default: `generic_reply`, text that every simulated-user role
 of the gyms can parse: a Yes/No/Maybe word first, then one JSON object). With `tools` in the request and no
 `tool_reply`, an ok reply is plain text (an agent that never calls the tool).
@@ -41,14 +43,14 @@ def generic_reply(body: dict) -> str:
 class OpenAIServer:
     def __init__(self, port: int = 0, model: str = "fake-user", faults: dict | None = None, seed: int = 0,
                  reply_fn=generic_reply, tool_reply: dict | None = None, retry_after: float = 1.0,
-                 stall_s: float = 30.0):
+                 stall_s: float = 30.0, echo_auth: bool = False):
         unknown = set(faults or {}) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULTS}")
         if sum((faults or {}).values()) > 1:
             raise ValueError(f"fault probabilities sum to more than 1: {faults}")
         self.model, self.faults, self.reply_fn, self.tool_reply = model, dict(faults or {}), reply_fn, tool_reply
-        self.retry_after, self.stall_s = retry_after, stall_s
+        self.retry_after, self.stall_s, self.echo_auth = retry_after, stall_s, echo_auth
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {}
@@ -112,11 +114,15 @@ class OpenAIServer:
                     with server.lock:
                         server.in_flight -= 1
 
+            def error(self, text: str) -> bytes:
+                quoted = {"authorization": self.headers.get("Authorization", "")} if server.echo_auth else {}
+                return json.dumps({"error": text, **quoted}).encode()
+
             def answer(self, kind: str, body: dict):
                 if kind == "500":
-                    self.send(500, b'{"error": "internal server error"}')
+                    self.send(500, self.error("internal server error"))
                 elif kind == "429":
-                    self.send(429, b'{"error": "rate limited"}', {"Retry-After": str(server.retry_after)})
+                    self.send(429, self.error("rate limited"), {"Retry-After": str(server.retry_after)})
                 elif kind == "stall":
                     server.closing.wait(server.stall_s)
                     self.close_connection = True
@@ -154,8 +160,10 @@ def main():
     p.add_argument("--faults", default="{}", help='JSON {kind: probability}, kinds: ' + ", ".join(FAULTS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stall_s", type=float, default=30.0)
+    p.add_argument("--echo_auth", action="store_true", help="error replies quote the Authorization header")
     args = p.parse_args()
-    srv = OpenAIServer(args.port, args.model, json.loads(args.faults), args.seed, stall_s=args.stall_s)
+    srv = OpenAIServer(args.port, args.model, json.loads(args.faults), args.seed, stall_s=args.stall_s,
+                       echo_auth=args.echo_auth)
     print(f"serving {args.model} on {srv.url}", flush=True)
     try:
         srv.thread.join()

@@ -92,7 +92,7 @@ def test_keep_last_and_a_save_cut_short_by_ctrl_c(tmp_path, monkeypatch, where):
     if where == "in dcp.save":
         monkeypatch.setattr(torch, "save", ctrl_c)  # DCP writes each item with torch.save
     else:
-        monkeypatch.setattr(checkpoints, "rng_state", ctrl_c)
+        monkeypatch.setattr(checkpoints, "_fsync_dir", ctrl_c)  # every file written, before the rename
     with pytest.raises(train.Interrupted, match="interrupted during step 3 of 3 \\(last checkpoint ckpt-000002\\)"):
         train.train(train.parse_config(["--resume", str(run_dir), "--steps", "3"]), task_pool=POOL)
     assert (run_dir / ".tmp-ckpt-000003").is_dir()

@@ -207,7 +207,7 @@ class DownCommaEnv(CommaEnv):
     def step(self, text):
         if self.task.get("down"):
             raise users.UserError("http://127.0.0.1:9/v1/chat/completions: connection failed (ConnectionError) "
-                                  "(gave up after 4 attempts)")
+                                  "(gave up after 4 attempts)", "connection")
         return super().step(text)
 
 
@@ -215,10 +215,10 @@ def test_a_step_in_which_most_episodes_failed_says_so(tmp_path, monkeypatch, cap
     monkeypatch.setitem(envs.GYMS, "comma", DownCommaEnv)
     pool = {"comma": [{"id": "up"}, {"id": "down", "down": True}]}
     m = read_metrics(train.train(small_cfg(tmp_path, "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2",
-                                           "--save_every", "0"), task_pool=pool))
+                                           "--save_every", "0", "--max_failed_frac", "1"), task_pool=pool))
     assert [x["failed_episodes"] for x in m] == [16, 4] and [x.get("failed/connection") for x in m] == [16, 4]
     assert "connection failed" in m[0]["failed_example"]
     out = capsys.readouterr().out
     assert "warning: step 1: 16 of 16 episodes failed (scripted user): connection 16; e.g. UserError: " \
-           "http://127.0.0.1:9/v1/chat/completions: connection failed" in out
+           "connection: http://127.0.0.1:9/v1/chat/completions: connection failed" in out
     assert "warning: step 2" not in out  # 4 of 16: a few failures are counted, not shouted

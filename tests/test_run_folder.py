@@ -121,7 +121,8 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(tmp_path):
     assert p.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted during step") and f"python train.py --resume {run_dir}" in last, err[-2000:]
+    assert last.startswith("interrupted by SIGINT during step") and f"python train.py --resume {run_dir}" in last, \
+        err[-2000:]
     done = int(checkpoints.latest_checkpoint(run_dir).name.split("-")[1])
     q = subprocess.run([*cmd[:4], "--resume", str(run_dir), "--steps", str(done + 1)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -152,8 +152,9 @@ def test_failed_episodes_are_counted_and_left_out_of_the_update(tmp_path, monkey
     pool = {"comma": [{"id": "up"}, {"id": "down", "down": True}]}
     # 24 tokens a turn: some of step 2's 12 good episodes write a comma, so they have a spread to train on
     m = read_metrics(train.train(small_cfg(tmp_path, "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2",
-                                           "--save_every", "0", "--rollout.max_new_tokens", "24"), task_pool=pool))
-    assert [x["failed_episodes"] for x in m] == [16, 4]  # seed 0 draws only broken tasks first: the run goes on
+                                           "--save_every", "0", "--rollout.max_new_tokens", "24",
+                                           "--max_failed_frac", "1"), task_pool=pool))
+    assert [x["failed_episodes"] for x in m] == [16, 4]  # seed 0 draws only broken tasks first: 1 lets it go on
     assert all(x["end/user_failure"] == x["failed_episodes"] for x in m)
     assert m[1]["end/done"] == 12 and m[1]["turns_mean"] == 1 and m[1]["grad_norm"] > 0
 
