@@ -335,8 +335,9 @@ def part_train(setup: dict, device, clock: Clock) -> dict:
         tok.save_pretrained(folder)
         del model
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "train.py", "--model", str(folder), "--out_dir", str(out_dir), "--device", device.type,
-               "--fsdp", "true", "--dtype", "bfloat16", "--gradient_checkpointing", "true", "--steps", "2",
+               "train.py", "--algo", "grpo", "--model", str(folder), "--out_dir", str(out_dir),
+               "--device", device.type, "--fsdp", "true", "--dtype", "bfloat16", "--gradient_checkpointing", "true",
+               "--steps", "2",
                "--gyms", '{"function": 1}', "--batch_size", str(nproc), "--mini_batch_size", str(nproc),
                "--group_size", "4", "--micro_batch_size", "2", "--rollout.max_turns", "2",
                "--rollout.max_new_tokens", str(setup["steps_new_tokens"]), "--rollout.progress", "false",
