@@ -32,6 +32,7 @@ import transformers
 
 import distributed
 import envs
+import sft
 import users
 
 
@@ -213,6 +214,11 @@ def check_before_work(cfg, task_pool: dict | None = None, launching: bool = Fals
     if cfg.user.backend == "hf":
         check_model("user.model", cfg.user.model)
     tasks = load_tasks(cfg, task_pool)
+    if cfg.algo in ("sft", "recipe") and cfg.sft_steps != 0 and cfg.sft_data:
+        try:
+            sft.read_sft_data(cfg.sft_data, cfg.sft_min_score)
+        except sft.SFTDataError as e:
+            raise DataError(f"--sft_data: {e}") from None
     if cfg.user.backend == "http" and cfg.user.probe and not cfg.user.serve_cmd:  # a started server: probed then
         try:
             users.from_config(cfg.user).probe()
@@ -253,9 +259,9 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def check_model(key: str, name: str):
-    """`name` is "tiny", a folder with a config.json, or a hub id that is cached or can be fetched (only its
-    config.json is read here, never the weights)."""
-    if name == "tiny":
+    """`name` is "tiny" or "tiny-demo", a folder with a config.json, or a hub id that is cached or can be fetched
+    (only its config.json is read here, never the weights)."""
+    if name in ("tiny", "tiny-demo"):
         return
     path = Path(name).expanduser()
     if path.is_dir():
@@ -264,7 +270,7 @@ def check_model(key: str, name: str):
         return
     if path.exists() or name.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(name):
         raise ConfigError(f"--{key}: {name} is neither a model folder (there is no such folder), a hub id such as "
-                          "Qwen/Qwen3-4B, nor tiny")
+                          "Qwen/Qwen3-4B, nor tiny / tiny-demo")
     try:
         transformers.AutoConfig.from_pretrained(name, local_files_only=True)
         return
@@ -308,6 +314,6 @@ def load_tasks(cfg, task_pool: dict | None) -> Tasks:
         if not tasks:
             raise DataError(f"{gym}: no training tasks")
     test = []
-    if cfg.eval_every:
+    if cfg.eval_every or cfg.algo == "recipe":
         test = [(g, task) for g in split_names(cfg.eval_gyms) for task in load(g, "test")[: cfg.eval_tasks or None]]
     return Tasks(train, test)

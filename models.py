@@ -18,6 +18,7 @@ position (cos off by 1.6 at position 2,000), so the tokens would be sampled from
 trained (tests/test_models.py measures it).
 """
 import copy
+import functools
 import os
 from pathlib import Path
 
@@ -31,6 +32,8 @@ PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
                   "<think>", "</think>"]
 TINY_VOCAB = 1536
+DEMO_VOCAB = 8192
+DEMO_SHAPE = {"hidden": 128, "layers": 2, "heads": 4}  # see the README's demo section
 
 # A Qwen-style chat template of our own wording. Structure (what matters for token ids) follows Qwen3:
 # tools are listed in the system turn; an assistant tool call is `<tool_call>\n{json}\n</tool_call>`;
@@ -79,8 +82,9 @@ def tiny_corpus(bytes_per_file: int = 25_000) -> str:
     return "\n".join(f.read_text(encoding="utf-8")[:bytes_per_file] for f in files)
 
 
-def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
-    """Train a byte-level BPE on `tiny_corpus()` and wrap it as a PreTrainedTokenizerFast with our template."""
+def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB, texts: list[str] | None = None):
+    """Train a byte-level BPE on `texts` (default: the lines of `tiny_corpus()`) and wrap it as a
+    PreTrainedTokenizerFast with our template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -89,11 +93,71 @@ def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tiny_corpus().splitlines(), trainer=trainer)
+    tok.train_from_iterator(texts if texts is not None else tiny_corpus().splitlines(), trainer=trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=IM_END,
                                       additional_special_tokens=SPECIAL_TOKENS[1:], clean_up_tokenization_spaces=False)
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
+
+
+def demo_corpus(render, tasks_per_gym: int = 40) -> list[str]:
+    """The demo tokenizer's training text: the lines of `tiny_corpus()` (the training tasks), plus, for the first
+    `tasks_per_gym` training tasks of every gym, its rendered prompt and one expert episode (turns and replies,
+    seeded): the words the demo's agent reads and writes. `render`: a tokenizer whose chat template renders prompts."""
+    import random
+
+    import envs
+    import rollout
+
+    texts = tiny_corpus().splitlines()
+    for gym in envs.GYMS:
+        for task in envs.load_tasks(gym, "train")[:tasks_per_gym]:
+            env = envs.make_env(gym, task, eval_mode=True)
+            texts.append(render.apply_chat_template(rollout.prompt_messages(env), tools=[envs.TOOL_SCHEMA],
+                                                    add_generation_prompt=True, tokenize=False))
+            rng, done = random.Random(0), False
+            while not done:
+                turn = env.expert_action(rng)
+                observation, _, done, _ = env.step(turn)
+                texts += [turn + IM_END, observation]
+    return texts
+
+
+def prompt_blocks(render) -> list[str]:
+    """The texts the demo tokenizer holds as single tokens: each gym's rendered system turn (its system prompt and
+    the tool block, up to the first user turn) cut at the turn limit, so that any `max_turns` gives the same two
+    blocks around its number, and the three fixed pieces of a tool call."""
+    import envs
+
+    blocks, mark = [], "\x00"
+    for gym in envs.GYMS:
+        env = envs.make_env(gym, envs.load_tasks(gym, "train")[0])
+        env.max_turns = mark  # system() formats its prompt with it
+        system = env.system()
+        text = render.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": "u"}],
+                                          tools=[envs.TOOL_SCHEMA], tokenize=False)
+        blocks += text[:text.index(IM_START + "user")].split(mark)
+    return blocks + ['<tool_call>\n{"name": "interact_with_env", "arguments": {"choice": "', '", "content": "',
+                     '"}}\n</tool_call>']
+
+
+def build_demo_tokenizer(vocab_size: int = DEMO_VOCAB):
+    """The demo's tokenizer; trained once per process (about 3 s), each call gets its own copy."""
+    return copy.deepcopy(_demo_tokenizer(vocab_size))
+
+
+@functools.lru_cache(maxsize=2)
+def _demo_tokenizer(vocab_size: int):
+    """A byte-level BPE trained on `demo_corpus()`, plus `prompt_blocks()` as added tokens. A prompt is then its
+    system turn as three tokens (two blocks around the turn limit) plus the opening message (intention: 17 tokens,
+    against 561 with the tiny tokenizer, whose 350-token tool block it never saw), and a tool call's fixed JSON is
+    three tokens, so the demo spends its CPU time on the words the agent chooses, whole words as single tokens."""
+    from tokenizers import AddedToken
+
+    render = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(vocab_size, demo_corpus(render))
+    tok.add_tokens([AddedToken(b, normalized=False, special=False) for b in prompt_blocks(render)])
+    return tok
 
 
 def build_tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
@@ -119,8 +183,12 @@ def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.floa
     if name_or_path == "tiny":
         tokenizer = build_tiny_tokenizer()
         return build_tiny_model(tokenizer, seed=seed).to(dtype), tokenizer
+    if name_or_path == "tiny-demo":
+        tokenizer = build_demo_tokenizer()
+        return build_tiny_model(tokenizer, seed=seed, **DEMO_SHAPE).to(dtype), tokenizer
     if not os.path.isdir(name_or_path) and "/" not in name_or_path:
-        raise ValueError(f"model {name_or_path!r} is neither 'tiny', a local folder, nor a hub id like 'Qwen/Qwen3-4B'")
+        raise ValueError(f"model {name_or_path!r} is neither 'tiny', 'tiny-demo', a local folder, nor a hub id like "
+                         "'Qwen/Qwen3-4B'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)

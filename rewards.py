@@ -11,7 +11,9 @@ UserRL (arXiv 2509.19736, section 3.2 "reward calculator") turns one trajectory'
 
 Every idea is a small pure function registered by name in one of three dicts: SCORES (trajectory level),
 CREDITS (turn level), SCHEMES (how credits and A become token advantages). A new idea is one function plus
-one line, e.g. `CREDITS["last"] = credit_last`. Everything here works on plain Python lists of floats.
+one line, e.g. `CREDITS["last"] = credit_last`. Everything here works on plain Python lists of floats. A credit
+function may also read the env's info of each turn (`turn_info`, rollout.Episode.turn_info: e.g. "error" for a
+malformed tool call), when the caller passes it.
 
 Departure from the original: a group with one member gets A = 0 (the original uses mean 0, std 1 there,
 i.e. A = S); see `_normalise`.
@@ -39,15 +41,15 @@ SCORES = {"sum": score_sum, "r2g": score_r2g}
 
 # ----------------------------------------------------------------------------------------------------------
 # Turn-level credit c_k (one value per agent turn; only its relative size within a trajectory matters
-# under the "userrl" scheme)
+# under the "userrl" scheme). Signature: fn(turn_rewards, gamma, turn_info=None), turn_info one dict per turn.
 
 
-def credit_equalized(turn_rewards: list[float], gamma: float) -> list[float]:
+def credit_equalized(turn_rewards: list[float], gamma: float, turn_info: list[dict] | None = None) -> list[float]:
     """1 for every turn: every agent token gets A, i.e. plain outcome GRPO."""
     return [1.0] * len(turn_rewards)
 
 
-def credit_r2g(turn_rewards: list[float], gamma: float) -> list[float]:
+def credit_r2g(turn_rewards: list[float], gamma: float, turn_info: list[dict] | None = None) -> list[float]:
     """Reward-to-go per turn, c_k = sum_{j>=k} g^(j-k) r_j: a turn is credited with what followed it."""
     out, running = [], 0.0
     for r in reversed(turn_rewards):
@@ -56,13 +58,13 @@ def credit_r2g(turn_rewards: list[float], gamma: float) -> list[float]:
     return out[::-1]
 
 
-def credit_em(turn_rewards: list[float], gamma: float) -> list[float]:
+def credit_em(turn_rewards: list[float], gamma: float, turn_info: list[dict] | None = None) -> list[float]:
     """Exponential mapping 0.5 + 0.5 (1 - e^(-2r)) / (1 - e^(-2)), rounded to 4 places as in the original:
     r in [0, 1] -> [0.5, 1], so a zero-reward turn keeps half weight and small rewards are pushed up."""
     return [round(0.5 + 0.5 * (1 - math.exp(-2 * r)) / (1 - math.exp(-2)), 4) for r in turn_rewards]
 
 
-def credit_naive(turn_rewards: list[float], gamma: float) -> list[float]:
+def credit_naive(turn_rewards: list[float], gamma: float, turn_info: list[dict] | None = None) -> list[float]:
     """The raw turn reward (not an option in the original code; added here as the simplest baseline)."""
     return [float(r) for r in turn_rewards]
 
@@ -84,9 +86,11 @@ def trajectory_score(turn_rewards: list[float], method: str = "sum", gamma: floa
     return _lookup(SCORES, "trajectory score", method)(list(turn_rewards), gamma)
 
 
-def turn_credits(turn_rewards: list[float], method: str = "equalized", gamma: float = 0.8) -> list[float]:
-    """c_k for each turn of one trajectory."""
-    return _lookup(CREDITS, "turn credit", method)(list(turn_rewards), gamma)
+def turn_credits(turn_rewards: list[float], method: str = "equalized", gamma: float = 0.8,
+                 turn_info: list[dict] | None = None) -> list[float]:
+    """c_k for each turn of one trajectory (turn_info, the env's info per turn, is passed on when given)."""
+    fn = _lookup(CREDITS, "turn credit", method)
+    return fn(list(turn_rewards), gamma) if turn_info is None else fn(list(turn_rewards), gamma, list(turn_info))
 
 
 def _normalise(values: list[float], use_std: bool) -> list[float]:
@@ -179,10 +183,11 @@ SCHEMES = {"userrl": scheme_userrl, "additive": scheme_additive}
 
 def compute_advantages(turn_rewards: list[list[float]], turn_lengths: list[list[int]], group_ids: list,
                        score: str = "sum", credit: str = "equalized", scheme: str = "userrl",
-                       gamma: float = 0.8, use_std: bool = True, lam: float = 1.0
-                       ) -> tuple[list[list[float]], list[float]]:
+                       gamma: float = 0.8, use_std: bool = True, lam: float = 1.0,
+                       turn_info: list[list[dict]] | None = None) -> tuple[list[list[float]], list[float]]:
     """The trainer's one call, for a batch of trajectories (episode i: turn_rewards[i][k] is the env reward
-    of agent turn k, turn_lengths[i][k] its number of agent tokens, group_ids[i] its prompt's group).
+    of agent turn k, turn_lengths[i][k] its number of agent tokens, group_ids[i] its prompt's group, and when
+    given turn_info[i][k] the env's info of that turn, passed to the credit function).
 
     Returns (token advantages per episode, one value per agent token in order; trajectory advantage per
     episode). Defaults are the paper's recipe: Sum score, Equalized credit, gamma 0.8, std on.
@@ -193,14 +198,19 @@ def compute_advantages(turn_rewards: list[list[float]], turn_lengths: list[list[
     if not len(turn_rewards) == len(turn_lengths) == len(group_ids):
         raise ValueError(f"batch sizes differ: {len(turn_rewards)} reward lists, {len(turn_lengths)} "
                          f"turn-length lists, {len(group_ids)} group ids")
+    if turn_info is not None and len(turn_info) != len(turn_rewards):
+        raise ValueError(f"batch sizes differ: {len(turn_rewards)} reward lists, {len(turn_info)} turn_info lists")
     for i, (r, n) in enumerate(zip(turn_rewards, turn_lengths)):
         if len(r) != len(n):
             raise ValueError(f"episode {i}: {len(r)} turn rewards but {len(n)} turn lengths")
+        if turn_info is not None and len(turn_info[i]) != len(r):
+            raise ValueError(f"episode {i}: {len(r)} turn rewards but {len(turn_info[i])} turn_info entries")
         if any(not isinstance(k, int) or k < 0 for k in n):
             raise ValueError(f"episode {i}: turn lengths must be non-negative ints, got {n}")
     scores = [score_fn(list(r), gamma) for r in turn_rewards]
     traj_adv = group_advantages(scores, group_ids, use_std)
-    credits = [credit_fn(list(r), gamma) for r in turn_rewards]
+    credits = [credit_fn(list(r), gamma) if turn_info is None else credit_fn(list(r), gamma, list(turn_info[i]))
+               for i, r in enumerate(turn_rewards)]
     return scheme_fn(credits, turn_lengths, traj_adv, group_ids, use_std, lam), traj_adv
 
 

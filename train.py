@@ -1,12 +1,18 @@
 """Multi-turn GRPO for user-centric agents: the UserRL recipe (arXiv 2509.19736), written by hand in PyTorch.
 
-    python train.py                                                     # offline demo: tiny model, scripted users, CPU
-    python train.py --config configs/demo.json --steps 5 --lr 1e-5      # a named recipe plus overrides
+    python train.py                                # the offline demo: the whole recipe on CPU (configs/demo.json)
+    python train.py --sft_steps 0                  # the demo without the SFT cold start (the paper's finding 1)
+    python train.py --algo sft --sft_data runs/expert/episodes.jsonl --model Qwen/Qwen3-4B   # SFT only
     python train.py --config configs/userrl-qwen3-4b.json \
         --user.serve_cmd "vllm serve Qwen/Qwen3-32B --port {port} --tensor-parallel-size 2" --user.serve_gpus 2
                                     # the paper's recipe on one 8-GPU box: its user on 2 GPUs, 6 ranks train
     python train.py --nproc 2                                           # 2 ranks (gloo) on the CPU
     python train.py --resume runs/20261125-120000 --steps 40            # continue a run where it stopped
+
+`--algo` picks what runs: `grpo` (the RL stage, below), `sft` (the cold start, sft.py), or `recipe` (recipe()
+below: evaluate the model -> SFT -> evaluate -> GRPO from the SFT model -> evaluate, the evaluations in
+RUN/evals.jsonl and a table of the three at the end). A command that names neither --config, --resume nor --algo
+runs configs/demo.json with its overrides: `python train.py` is the recipe on the tiny-demo model.
 
 One step (`step()` below; paper section 4) runs six phases, in this order:
   1. sample `batch_size` tasks from the gym mixture (every rank draws the same batch and rolls out its share)
@@ -51,7 +57,9 @@ from tqdm import tqdm
 import checkpoints
 import distributed
 import envs
+import eval as evaluation
 import rewards
+import sft
 import users
 from config import ConfigError, DataError, Tasks, apply_args, check_before_work, load_tasks, plan_ranks, split_names
 from grpo import STATS, LossConfig, chunk_tokens, grpo_loss, loss_weights, naive_grpo_loss, token_logprobs
@@ -60,8 +68,10 @@ from rollout import RolloutConfig, rollout
 from users import UserConfig, failure_reason
 
 # The paper trains on Travel, Turtle, Persuade, Function and Tau and holds out Intention, Telepathy and Search
-# for evaluation. The demo trains on every gym it has.
+# for evaluation.
 HELD_OUT = ("intention", "telepathy", "search")
+ALGOS = ("grpo", "sft", "recipe")
+DEMO = Path(__file__).resolve().parent / "configs" / "demo.json"
 ALLOC_CONF = "expandable_segments:True"
 """train.py's CUDA allocator setting (PYTORCH_CUDA_ALLOC_CONF) when the user has none: see main"""
 
@@ -88,8 +98,12 @@ FIXED_KEYS = {"loss.temperature": "not a key of its own: the PPO ratio must use 
 @dataclass
 class Config:
     # run
+    algo: str = "grpo"
+    """grpo (the RL stage), sft (the cold start, on --sft_data), or recipe (evaluate -> SFT -> evaluate -> GRPO ->
+    evaluate: what `python train.py` runs, see configs/demo.json)"""
     model: str = "tiny"
-    """policy: "tiny" (offline random model), a hub id such as Qwen/Qwen3-4B, or a local folder"""
+    """policy: "tiny" (offline random model), "tiny-demo" (the demo's: see models.py), a hub id such as
+    Qwen/Qwen3-4B, or a local folder (e.g. an SFT checkpoint)"""
     seed: int = 0
     """seeds the task sampler (same on every rank) and python/numpy/torch (offset by rank)"""
     out_dir: str = ""
@@ -160,6 +174,27 @@ class Config:
     rarely ends a turn by itself (the paper: no cap per turn, 8,192 response tokens per episode)"""
     user: UserConfig = field(default_factory=UserConfig)
     """the simulated user (users.UserConfig: the backend, and for http the client's own fields)"""
+    # SFT (--algo sft, and the recipe's first stage; the original's LLaMA-Factory settings by default)
+    sft_data: str = ""
+    """eval.py's episodes.jsonl or the original's ShareGPT file; empty = expert episodes of the training gyms'
+    train split, played at the start (sft_expert_passes per task) and kept in RUN/expert-episodes.jsonl"""
+    sft_min_score: float = 0.0
+    """keep episodes scoring at least this (failed ones are always dropped; ShareGPT records have no score and
+    are kept)"""
+    sft_expert_passes: int = 4
+    """expert episodes per training task when sft_data is empty (the expert varies its phrasing and order)"""
+    sft_steps: int = -1
+    """optimizer steps; -1 = sft_epochs passes over the data; 0 = none (the recipe then runs GRPO from --model)"""
+    sft_epochs: float = 3.0
+    """passes over the data when sft_steps is -1 (the original: 3)"""
+    sft_lr: float = 1e-5
+    """peak learning rate, after a linear warm-up, then cosine decay to 0 (the original: 1e-5)"""
+    sft_warmup: float = 0.1
+    """fraction of the SFT steps spent warming up (the original: 0.1)"""
+    sft_batch_size: int = 64
+    """conversations per SFT step, over all ranks (the original: 2 per GPU x 4 accumulation x 8 GPUs)"""
+    sft_max_tokens: int = 16384
+    """longer conversations are left out (the original's cutoff_len)"""
     # logging and checkpoints
     save_every: int = 1
     """write a resumable checkpoint every N steps (0 = never): each rank's shard of the weights and AdamW state"""
@@ -210,6 +245,7 @@ def validate(cfg: Config):
         if not ok:
             raise ConfigError(f"--{key}: {msg}")
 
+    check(cfg.algo in ALGOS, "algo", f"expected one of {', '.join(ALGOS)}, got {cfg.algo!r}")
     check(cfg.dtype in ("float32", "bfloat16"), "dtype", f"expected float32 or bfloat16, got {cfg.dtype!r}")
     check(cfg.device in ("auto", "cpu", "cuda"), "device", f"expected auto, cpu or cuda, got {cfg.device!r}")
     check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
@@ -255,6 +291,15 @@ def validate(cfg: Config):
     check(cfg.user.serve_timeout > 0, "user.serve_timeout", f"must be > 0, got {cfg.user.serve_timeout}")
     check(cfg.user.max_concurrency >= 1 and cfg.user.max_retries >= 0 and cfg.user.timeout > 0, "user",
           "max_concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+    check(cfg.sft_steps >= -1, "sft_steps", f"must be >= 0, or -1 for sft_epochs passes, got {cfg.sft_steps}")
+    check(cfg.algo != "sft" or cfg.sft_steps != 0, "sft_steps", "0 means no SFT, and --algo sft does nothing else")
+    check(cfg.sft_epochs > 0 and cfg.sft_lr > 0, "sft_epochs", f"sft_epochs and sft_lr must be > 0, got "
+          f"{cfg.sft_epochs}, {cfg.sft_lr}")
+    check(0 <= cfg.sft_warmup < 1, "sft_warmup", f"must be in [0, 1), got {cfg.sft_warmup}")
+    for key in ("sft_batch_size", "sft_max_tokens", "sft_expert_passes"):
+        check(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
+    check(cfg.algo != "recipe" or not cfg.resume, "resume", "a recipe's phases are runs of their own: resume its "
+          "GRPO phase with --algo grpo --resume RUN (RUN/config.json), or its SFT phase with --resume RUN/sft")
     for key in ("loss", "rollout"):  # their own checks, in __post_init__
         sub = getattr(cfg, key)
         try:
@@ -397,8 +442,8 @@ def step(t: Trainer, n: int) -> dict:
     # 6. log, evaluate, checkpoint (the step's lines reach the disk before its checkpoint becomes the latest)
     m.update(episode_metrics(episodes, scores, advantages, groups))
     m.update(logprob_metrics(train_batch, entropies))
-    if cfg.eval_every and n % cfg.eval_every == 0:
-        m.update(evaluate(t))
+    if cfg.eval_every and (n % cfg.eval_every == 0 or n == cfg.steps):
+        m.update(evaluate(t, n))
     m["time_generate"] = m["time_rollout"] - m["time_user"]
     m["time_step"] = time.perf_counter() - t0
     if rank == 0:
@@ -466,11 +511,11 @@ def roll_out(t: Trainer, tasks: list, index: list, n: int) -> tuple[list, float]
 
 def score_and_advantages(episodes: list, groups: list, cfg: Config) -> tuple[list, list]:
     """Phase 3 (paper section 3.2; rewards.py): each episode's trajectory score, normalised within its group into
-    the GRPO advantage, then spread over its generated tokens with per-turn credits. Returns (scores, token
-    advantages per episode)."""
+    the GRPO advantage, then spread over its generated tokens with per-turn credits (each credit function gets the
+    episode's turn_info). Returns (scores, token advantages per episode)."""
     scores = [rewards.trajectory_score(e.turn_rewards, cfg.score, cfg.gamma) for e in episodes]
     group_advs = rewards.group_advantages(scores, groups, cfg.use_std)
-    credits = [rewards.turn_credits(e.turn_rewards, cfg.credit, cfg.gamma) for e in episodes]
+    credits = [rewards.turn_credits(e.turn_rewards, cfg.credit, cfg.gamma, e.turn_info) for e in episodes]
     turn_lens = [[sum(e.loss_mask[a:b]) for a, b in e.turn_spans] for e in episodes]
     return scores, rewards.SCHEMES[cfg.scheme](credits, turn_lens, group_advs, groups, cfg.use_std, cfg.lam)
 
@@ -618,23 +663,16 @@ def model_device(model) -> torch.device:
 # Evaluation and metrics
 
 
-def evaluate(t: Trainer) -> dict:
-    """Greedy episodes on the held-out test tasks, without the reward shown to the agent (the paper's eval
-    setting). Per gym: the mean episode score; overall: the item-weighted mean (as the paper's Avg)."""
-    rank, world, _ = t.ranks
+def evaluate(t: Trainer, n: int) -> dict:
+    """Greedy episodes on the test tasks without the reward shown (the paper's evaluation, eval.py's function),
+    dealt over the ranks; appended to RUN/evals.jsonl as phase "grpo" at step n. Returns eval/* metrics."""
     if t.rollout_model is not t.model:  # every rank joins (a collective under FSDP), tasks or not
         refresh_rollout_copy(t.rollout_model, t.model)
-    eval_cfg = dataclasses.replace(t.cfg.rollout, greedy=True, show_reward=False, eval_mode=True)
-    mine = t.test_tasks[rank::world]  # fewer test tasks than ranks: some ranks have none, and still gather
-    eps = rollout(t.rollout_model, t.tokenizer, mine, 1, eval_cfg, user=t.user) if mine else []
-    per = {}
-    for results in distributed.gather([(e.gym, e.info["score"]) for e in eps if not e.failed]):
-        for gym, score in results:
-            per.setdefault(gym, []).append(score)
-    out = {f"eval/{g}": float(np.mean(v)) for g, v in sorted(per.items())}
-    n = sum(len(v) for v in per.values())
-    out["eval/avg"] = float(sum(sum(v) for v in per.values()) / max(n, 1))
-    return out
+    results = evaluation.evaluate_ranks(t.rollout_model, t.tokenizer, t.test_tasks,
+                                        evaluation.eval_settings(t.cfg.rollout), user=t.user)
+    if t.ranks.rank == 0:
+        evaluation.log_eval(t.run_dir, "grpo", n, results)
+    return evaluation.eval_metrics(results)
 
 
 def episode_metrics(episodes: list, scores: list, advantages: list, groups: list) -> dict:
@@ -722,8 +760,8 @@ def print_step(m: dict, t: Trainer):
                f"zero-std groups {m['frac_zero_std']:.2f} | grad norm {m['grad_norm']:.3g} | "
                f"time gen {m['time_generate']:.1f}s user {m['time_user']:.1f}s "
                f"logprob {m['time_logprob']:.1f}s update {m['time_update']:.1f}s")
-    for key in sorted(k for k in m if k.startswith("eval/")):
-        tqdm.write(f"    {key:24s} {m[key]:.3f}")
+    for key in sorted(k for k in m if k.startswith("eval/") and not k.startswith("eval/valid_calls/")):
+        tqdm.write(f"    {key:24s} {evaluation.fmt(m[key])}")
     if m["failed_episodes"] * 2 > m["episodes"]:  # a batch this biased is not worth much: say so where it is seen
         reasons = ", ".join(f"{k[len('failed/'):]} {v}" for k, v in m.items() if k.startswith("failed/"))
         tqdm.write(f"warning: step {m['step']}: {m['failed_episodes']} of {m['episodes']} episodes failed "
@@ -780,6 +818,8 @@ def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks, u
     if rank == 0:
         config = dataclasses.asdict(cfg) | {"out_dir": str(run_dir)}
         changes = checkpoints.start_run(run_dir, config, start if cfg.resume else None)
+        if cfg.resume:
+            drop_evals_after(run_dir, "grpo", start)
         n = sum(p.numel() for p in model.parameters())
         print(f"run folder {run_dir} | model {cfg.model} ({n:,} parameters) | {world} rank(s) on {device} | "
               f"gyms {sorted(sampler.pool)} | user {cfg.user.backend}")
@@ -792,6 +832,15 @@ def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks, u
     return Trainer(cfg=cfg, run_dir=run_dir, ranks=ranks, model=model, rollout_model=rollout_model, ref_model=ref_model,
                    tokenizer=tokenizer, optimizer=optimizer, sampler=sampler, test_tasks=tasks.test, user=user,
                    start=start)
+
+
+def drop_evals_after(run_dir: Path, phase: str, step: int):
+    """On resume: RUN/evals.jsonl without the `phase` evaluations of steps after `step` (they are redone)."""
+    path = run_dir / "evals.jsonl"
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines()
+                 if ln.strip() and not (json.loads(ln)["phase"] == phase and json.loads(ln)["step"] > step)]
+        path.write_text("".join(ln + "\n" for ln in lines))
 
 
 class Interrupted(Exception):
@@ -841,46 +890,65 @@ def stop_after(t: Trainer, n: int) -> Interrupted:
                        128 + t.stop.signum)
 
 
-def train(cfg: Config, task_pool: dict | None = None) -> Path:
-    """Run `cfg.steps` GRPO steps (or continue a run) in this process: as the whole run, or as one rank of it;
-    returns the run folder. `task_pool` ({gym: [task]}) replaces the training data files, for tests with toy
-    gyms. A rank started by `launch` finds the checks done, the folder claimed and the user server running."""
+def in_run_folder(cfg: Config, task_pool: dict | None, loop) -> Path:
+    """The frame of a GRPO or SFT run in this process (as the whole run, or as one rank of it): every check before
+    work, the ranks, the run folder claimed once (its lock released at the end), the user server started for the
+    run, and Ctrl-C turned into one line saying where the run stopped and how to continue it. A rank started by
+    `launch` finds the checks done, the folder claimed and the server running. `loop(cfg, run_dir, tasks, ranks,
+    user_url, at)` does the work, keeping at["step"] and at["steps"] current."""
     launched = distributed.launched_run_dir()
     tasks = load_tasks(cfg, task_pool) if launched else check_before_work(cfg, task_pool)
     ranks = distributed.setup(cfg.device, cfg.dist_timeout_min)
     run_dir = Path(launched) if launched else distributed.on_rank0(lambda: claim_run_folder(cfg))
-    n = None
+    at = {}
     try:
         if launched:  # the launching process started it
             server = nullcontext(os.environ.get(distributed.USER_URL_ENV))
         else:
             server = serve_user(cfg, run_dir, plan_ranks(cfg).server_gpus)
         with server as user_url:
-            t = set_up(cfg, run_dir, tasks, ranks, user_url)
-            bar = tqdm(range(t.start + 1, cfg.steps + 1), initial=t.start, total=cfg.steps, desc="steps",
-                       disable=ranks.rank != 0)
-            one_process = ranks.world == 1 and not launched and threading.current_thread() is threading.main_thread()
-            with t.stop.installed(one_process):
-                for n in bar:
-                    m = stoppable_step(t, n)
-                    if ranks.rank == 0:
-                        print_step(m, t)
-                    if t.stop.signals:
-                        raise stop_after(t, n)
-                if t.start < cfg.steps or not (run_dir / "final").exists():
-                    export(t, "final")
+            loop(cfg, run_dir, tasks, ranks, user_url, at)
     except KeyboardInterrupt:
         ckpt = checkpoints.latest_checkpoint(run_dir)
-        if n is None:
+        if "step" not in at:
             where = "interrupted while setting up"
         else:
-            where = f"interrupted during step {n} of {cfg.steps} (" + (
+            where = f"interrupted during step {at['step']} of {at['steps']} (" + (
                 f"last checkpoint {ckpt.name}" if ckpt else "no checkpoint yet: it starts again from step 1") + ")"
         raise Interrupted(f"{where}; {how_to_continue(run_dir)}") from None
     finally:
         if ranks.rank == 0 and not launched:
             checkpoints.release(run_dir)
     return run_dir
+
+
+def train(cfg: Config, task_pool: dict | None = None) -> Path:
+    """Run `cfg.steps` GRPO steps (or continue a run); returns the run folder. `task_pool` ({gym: [task]})
+    replaces the training data files, for tests with toy gyms."""
+    def loop(cfg, run_dir, tasks, ranks, user_url, at):
+        t = set_up(cfg, run_dir, tasks, ranks, user_url)
+        at["steps"] = cfg.steps
+        bar = tqdm(range(t.start + 1, cfg.steps + 1), initial=t.start, total=cfg.steps, desc="steps",
+                   disable=ranks.rank != 0)
+        one_process = ranks.world == 1 and not distributed.launched_run_dir() and \
+            threading.current_thread() is threading.main_thread()
+        with t.stop.installed(one_process):
+            for n in bar:
+                at["step"] = n
+                m = stoppable_step(t, n)
+                if ranks.rank == 0:
+                    print_step(m, t)
+                if t.stop.signals:
+                    raise stop_after(t, n)
+            if t.start < cfg.steps or not (run_dir / "final").exists():
+                export(t, "final")
+
+    return in_run_folder(cfg, task_pool, loop)
+
+
+def run_sft(cfg: Config, task_pool: dict | None = None) -> Path:
+    """`--algo sft`: the SFT cold start (sft.run) in a run folder of its own; returns the folder."""
+    return in_run_folder(cfg, task_pool, sft.run)
 
 
 def claim_run_folder(cfg: Config) -> Path:
@@ -941,6 +1009,69 @@ def stopped_line(run_dir: Path, steps: int) -> str:
         f"); {how_to_continue(run_dir)}"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The recipe: the paper's pipeline in one command
+
+
+def recipe(cfg: Config, task_pool: dict | None = None) -> Path:
+    """Evaluate `cfg.model` -> SFT (on --sft_data, or on expert episodes of the training gyms) -> evaluate ->
+    GRPO from the SFT model -> evaluate, then print the table of the three (per gym: score and valid-call rate).
+
+    RUN/evals.jsonl gets one line per evaluation ({"phase": "untrained" | "sft" | "grpo", "step", "avg",
+    "per_gym"}, GRPO's periodic ones included). The SFT phase is a run of its own in RUN/sft (its export RUN/sft/final
+    is the GRPO phase's --model); the GRPO phase is the run in RUN itself (RUN/config.json, metrics.jsonl,
+    checkpoints, RUN/final), so `--algo grpo --resume RUN` continues it. `--sft_steps 0` skips SFT: GRPO starts
+    from `cfg.model`."""
+    run_dir = Path(cfg.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if checkpoints.holds_run(run_dir) or (run_dir / "evals.jsonl").exists() or (run_dir / "sft").exists():
+        raise ConfigError(f"--out_dir: {run_dir} already holds a run; choose another --out_dir")
+    tasks = check_before_work(cfg, task_pool)
+    rank, _, device = distributed.setup(cfg.device, cfg.dist_timeout_min)
+    settings = evaluation.eval_settings(cfg.rollout)
+    user = users.from_config(cfg.user)
+
+    def evaluate_model(path: str, phase: str, step_n: int) -> dict:
+        seed_everything(cfg.seed)
+        model, tokenizer = load_model(path, seed=cfg.seed)
+        results = evaluation.evaluate_ranks(model.to(device).eval(), tokenizer, tasks.test, settings, user=user)
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            evaluation.log_eval(run_dir, phase, step_n, results)
+            print(f"{phase} (step {step_n}): avg {evaluation.fmt(results['avg'])}", flush=True)
+        return results
+
+    evaluate_model(cfg.model, "untrained", 0)
+    start = cfg.model
+    if cfg.sft_steps != 0:
+        sft_cfg = dataclasses.replace(cfg, algo="sft", out_dir=str(run_dir / "sft"), eval_every=0, save_every=0)
+        sft_dir = run_sft(sft_cfg, task_pool)
+        start = str(sft_dir / "final")
+        evaluate_model(start, "sft", json.loads((sft_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"])
+    grpo_cfg = dataclasses.replace(cfg, algo="grpo", model=start, out_dir=str(run_dir),
+                                   eval_every=cfg.eval_every or cfg.steps)
+    train(grpo_cfg, task_pool)
+    if rank == 0:
+        print_recipe_table(run_dir)
+    return run_dir
+
+
+def print_recipe_table(run_dir: Path):
+    """The last evaluation of each phase, as the paper's table: score (valid-call rate) per gym, then Avg; then each
+    phase's gain over the one before it, with its standard error over the test tasks (eval.gap)."""
+    last = {}
+    for line in (run_dir / "evals.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        last[rec["phase"]] = rec
+    rows = {f"{phase} (step {rec['step']})": rec for phase, rec in last.items()}
+    print(f"\n{run_dir}/evals.jsonl: score (valid tool calls) per gym, greedy, test split")
+    print(evaluation.runs_table(rows, valid=True))
+    phases = list(last)
+    for old, new in zip(phases, phases[1:]):  # the noise: a gap within ~2 standard errors is not a difference
+        g = evaluation.gap(last[new], last[old])
+        if g:
+            print(f"{new} - {old}: {g[0]:+.3f} +- {g[1]:.3f} (mean over {g[2]} test tasks +- its standard error)")
+
+
 def main(argv: list[str], entry: str = __file__):
     """The command line. `entry` is the script the ranks run when this process launches them (a test's own
     script registers a toy gym, then calls main)."""
@@ -953,18 +1084,23 @@ def main(argv: list[str], entry: str = __file__):
     report = distributed.launched_run_dir() is None  # ranks of launch() leave the messages to the launching process
     if launching:  # SIGTERM as Ctrl-C, so every `finally` runs: the user server is stopped, the lock released
         previous = signal.signal(signal.SIGTERM, interrupt)
+    named = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    if not named & {"--config", "--resume", "--algo"}:
+        argv = ["--config", str(DEMO), *argv]  # the demo is what a command that names no recipe runs
     try:
         cfg = parse_config(argv)
         plan = plan_ranks(cfg) if launching else None
         if plan and plan.launch:
+            if cfg.algo == "recipe":  # its phases are runs of their own, each in its own folder
+                raise ConfigError("--algo recipe runs in one process; on several ranks run its phases as commands "
+                                  "(--algo sft, then --algo grpo --model RUN/final, then eval.py), or use torchrun")
             code = launch(cfg, argv, plan, entry)
             if code:
                 sys.exit(code)
             return
-        run_dir = train(cfg)
-        demo = cfg.model == "tiny" and cfg.user.backend == "scripted" and distributed.rank() == 0
+        {"grpo": train, "sft": run_sft, "recipe": recipe}[cfg.algo](cfg)
         distributed.teardown()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, sft.SFTDataError) as e:
         kind = "config" if isinstance(e, ConfigError) else "data"
         sys.exit(f"{kind} error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # every rank has the same line
     except users.UserError as e:  # the started user server died, never got healthy, or serves another model
@@ -978,12 +1114,6 @@ def main(argv: list[str], entry: str = __file__):
     finally:
         if launching:
             signal.signal(signal.SIGTERM, previous)
-    if demo:
-        print(f"\nDemo finished: metrics in {run_dir}/metrics.jsonl, transcripts in {run_dir}/transcripts.jsonl.\n"
-              "The tiny model is random, so its rewards mean nothing yet. The paper's recipe (one box of 8 GPUs: "
-              "the simulated user served on 2 of them, 6 ranks training):\n"
-              "  python train.py --config configs/userrl-qwen3-4b.json --user.serve_cmd \"vllm serve Qwen/Qwen3-32B "
-              "--port {port} --tensor-parallel-size 2\" --user.serve_gpus 2")
 
 
 def interrupt(signum, frame):

@@ -14,11 +14,14 @@
    tests/openai_server.py injecting each fault kind (500, 429 with Retry-After, stalls past the timeout, dropped
    connections, malformed JSON, empty choices, replies that break the role's format) at a fixed rate; the agent
    is the scripted expert (envs.ExpertAgent) through rollout's agent loop. Counted: faults injected per kind,
-   episodes completed, failed (by reason), lost (episodes asked for that did not come back, must be 0).
+   episodes completed, failed (by reason), lost (episodes asked for that did not come back, must be 0),
+   failed without a reason (must be 0).
 3. Interruptions. SIGINT and SIGTERM, each at each phase of a step (rollout, update, checkpoint write), sent by
    the trainer to itself at that point (checkpoints.signal_point) in a short run of the tiny model; the run must
    stop with one line and no partial checkpoint, `--resume` must finish it, and its metrics and final weights
    must equal those of an uninterrupted run bit for bit (CPU). Counted: tried, stopped cleanly, resumed, matched.
+4. Rollouts where a stalled call hangs past every timeout (the user's own timeout longer than the stall): the
+   rollout gives up on it after `env_timeout` and fails that episode (env_timeout) while the others go on.
 The last line printed is one JSON object with the headline figures.
 """
 import argparse
@@ -166,30 +169,38 @@ FAULT_RATES = {"500": 0.05, "429": 0.05, "stall": 0.02, "drop": 0.03, "malformed
 END_REASONS = {"done", "max_turns", "budget", "no_tool_call", "malformed_call", "user_failure", "env_timeout"}
 
 
-def fault_rollouts(tasks_per_gym: int, group: int, seed: int = 0, max_turns: int = 8) -> dict:
-    """Every gym's roles played by the http user against an endpoint that fails at FAULT_RATES; the expert agent."""
+def fault_rollouts(tasks_per_gym: int, group: int, seed: int = 0, max_turns: int = 8, faults: dict = FAULT_RATES,
+                   user_timeout: float = 0.5, stall_s: float = 1.0, env_timeout: float = 120.0) -> dict:
+    """Every gym's roles played by the http user against an endpoint that fails at `faults`; the expert agent.
+    A stall longer than `user_timeout` is the user's own timeout (retried); with `user_timeout` and `stall_s`
+    past `env_timeout`, a stalled call is one that hangs past every timeout, and the rollout gives up on it."""
     from openai_server import OpenAIServer
 
-    server = OpenAIServer(faults=FAULT_RATES, seed=seed, retry_after=0.05, stall_s=1.0)
+    server = OpenAIServer(faults=faults, seed=seed, retry_after=0.05, stall_s=stall_s)
     try:
-        user = users.make_user("http", base_url=server.url, model=server.model, timeout=0.5, max_retries=2,
+        user = users.make_user("http", base_url=server.url, model=server.model, timeout=user_timeout, max_retries=2,
                                backoff=0.02, max_concurrency=32)
         tasks = [(g, t) for g in sorted(envs.GYMS) for t in envs.load_tasks(g, "test")[:tasks_per_gym]]
-        cfg = rollout.RolloutConfig(max_turns=max_turns, progress=False, show_reward=False, eval_mode=True)
+        cfg = rollout.RolloutConfig(max_turns=max_turns, progress=False, show_reward=False, eval_mode=True,
+                                    env_timeout=env_timeout)
         t0 = time.perf_counter()
         episodes = rollout.rollout(envs.ExpertAgent(seed), None, tasks, group, cfg, user=user)
         seconds = time.perf_counter() - t0
         asked = len(tasks) * group
-        failed, reasons = {}, {}
+        failed, reasons, per_gym = {}, {}, {}
         for ep in episodes:
+            gym = per_gym.setdefault(ep.gym, {"completed": 0, "failed": 0})
+            gym["failed" if ep.failed else "completed"] += 1
             reasons[ep.info.get("end_reason")] = reasons.get(ep.info.get("end_reason"), 0) + 1
             if ep.failed:
-                why = users.failure_reason(ep.info.get("error", "")) if hasattr(users, "failure_reason") else \
-                    ep.info.get("error", "?").split(":")[0]
+                why = users.failure_reason(ep.info.get("error", ""))
                 failed[why] = failed.get(why, 0) + 1
         unknown = sum(n for r, n in reasons.items() if r not in END_REASONS)
+        # A failed episode must say why: an end reason of a failure and the error that caused it.
+        unexplained = sum(e.failed and (e.info.get("end_reason") not in ("user_failure", "env_timeout")
+                                        or not e.info.get("error")) for e in episodes)
         return {"episodes": asked, "completed": sum(not e.failed for e in episodes), "failed": sum(failed.values()),
-                "failed_by_reason": failed, "end_reasons": reasons,
+                "failed_by_reason": failed, "end_reasons": reasons, "unexplained": unexplained, "per_gym": per_gym,
                 "lost": asked - len(episodes) + unknown, "requests": sum(server.counts.values()),
                 "faults_injected": {k: v for k, v in sorted(server.counts.items()) if k != "ok"},
                 "seconds": round(seconds, 1)}
@@ -264,6 +275,18 @@ def interruptions(out_dir: Path, steps: int = 3, at: int = 2) -> dict:
             "matched": sum(c["matched"] for c in cases), "cases": cases}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 4. Calls that hang past every timeout (fault_rollouts with a user timeout longer than the stall)
+
+HANG_ENV_TIMEOUT = 2.0  # seconds the rollout waits for one env/user call before it gives up on it
+
+
+def report(r: dict):
+    print(f"   {r['episodes']} episodes: {r['completed']} completed, {r['failed']} failed {r['failed_by_reason']}, "
+          f"{r['lost']} lost, {r['unexplained']} failed without a reason; end reasons {r['end_reasons']}; faults "
+          f"injected {r['faults_injected']} of {r['requests']} requests, {r['seconds']} s", file=sys.stderr)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1,000 turns and fewer episodes (under a minute on 2 cores)")
@@ -282,20 +305,27 @@ def main(argv=None) -> dict:
     tasks, group = (1, 2) if args.quick else (3, 4)
     print(f"2. rollouts of every gym against a failing endpoint ({tasks} tasks x {group} per gym)...", file=sys.stderr)
     r = fault_rollouts(tasks, group, args.seed)
-    print(f"   {r['episodes']} episodes: {r['completed']} completed, {r['failed']} failed {r['failed_by_reason']}, "
-          f"{r['lost']} lost; faults injected {r['faults_injected']} of {r['requests']} requests", file=sys.stderr)
+    report(r)
     print(f"3. {len(SIGNALS)} signals x {len(PHASES)} phases of a step, each resumed...", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         i = interruptions(Path(tmp))
     for c in i["cases"]:
         print(f"   {c['signal']} at {c['phase']}: {'resumed' if c['resumed'] else 'NOT resumed'}, "
               f"{'matched' if c['matched'] else 'NOT matched'}: {c['line']}", file=sys.stderr)
+    print(f"4. rollouts where a stalled call hangs past every timeout (the user's 30 s, env_timeout "
+          f"{HANG_ENV_TIMEOUT:g} s)...", file=sys.stderr)
+    h = fault_rollouts(tasks, group, args.seed, faults={"stall": 0.05}, user_timeout=30.0, stall_s=30.0,
+                       env_timeout=HANG_ENV_TIMEOUT)
+    report(h)
     out = {"adversarial_turns": f["turns"], "exceptions": f["exceptions"], "reveals": f["reveals"],
            "files_written": f["files_written"], "slowest_step_s": f["slowest_step_s"],
            "longest_observation_chars": f["longest_observation_chars"], "fault_episodes": r["episodes"],
            "completed": r["completed"], "failed": r["failed"], "failed_by_reason": r["failed_by_reason"],
-           "lost": r["lost"], "faults_injected": r["faults_injected"],
-           "interruptions": {k: i[k] for k in ("tried", "stopped", "resumed", "matched")}}
+           "lost": r["lost"] + h["lost"], "unexplained": r["unexplained"] + h["unexplained"],
+           "faults_injected": r["faults_injected"],
+           "interruptions": {k: i[k] for k in ("tried", "stopped", "resumed", "matched")},
+           "hang_episodes": h["episodes"], "hang_completed": h["completed"],
+           "hang_failed_by_reason": h["failed_by_reason"]}
     print(json.dumps(out))
     return out
 

@@ -21,8 +21,8 @@ memory (each rank's CPU copy of the model at start-up) is printed below the tabl
 What is an estimate: activation bytes per token are itemised from transformers' Qwen3 layer with CUDA's
 memory-efficient attention (see layer_activation_bytes); "one layer recomputed" counts its gradients as the
 same size again; the CUDA context and NCCL buffers are a flat 1 GB. Everything else is exact arithmetic on the
-shapes. Lines marked "today" are costs of the current code that changes under way remove or shrink (a static KV cache,
-the last hidden state without the others); they stay listed, so a fix shows up as a changed line.
+shapes. The KV cache is the engine's, allocated once per
+rollout (rollout.KVCache, nothing copied as it fills); the training forward keeps only the last hidden state.
 GB here are GiB (2^30 bytes). The last line printed is one JSON object with peak_gb per phase.
 """
 import argparse
@@ -181,8 +181,6 @@ def plan(cfg, gpus: int, s: Shape, prompt_tokens: int = 1152) -> tuple[list[Item
         add("fully_shard: largest group in full fp32", 4 * max(Pb, Pr), ("startup",))
     # --- rollout
     add(f"KV cache {copy_dtype}: {rows} x {T:,} tokens x {kv_token:,} B", rows * T * kv_token, ("rollout",))
-    add("today: KV growth by torch.cat (one layer)", rows * T * kv_token / s.layers, ("rollout",))
-    add("today: repeat_kv in obs. prefill (one layer)", rows * T * 2 * q * lo, ("rollout",))
     add("sampling: logits + fp32 softmax copies", rows * s.vocab * (lo + 16), ("rollout",))
     # --- training forward (logprob, loss) and backward
     if cfg.fsdp:

@@ -1,21 +1,29 @@
-"""Benchmark: rollout.py (batched, KV cache kept across turns, prompt prefilled once per group, env/user calls
-concurrent) against the naive multi-turn loop (one episode at a time, the whole history re-rendered and
-re-encoded by `model.generate` every turn, one user call at a time).
+"""Benchmark: rollout.py's two schedules (the engine and lockstep) on a mixed multi-turn workload with a slow user,
+and rollout.py against the naive loop (one episode at a time, `model.generate` on the re-encoded history).
 
-    python bench/rollout.py            # tiny model + a random model of Qwen2.5-0.5B's shape; 32 episodes x 8 turns
-    python bench/rollout.py --quick    # the same at a small shape, < 1 minute on 2 CPU cores
+    python bench/rollout.py            # tiny model and Qwen2.5-0.5B's shape, about 20 minutes on 2 CPU cores
+    python bench/rollout.py --quick    # small shapes, under a minute
 
-Both sides run the same env, the same sampling (temperature 1) and the same per-turn cap. A random model almost
-never emits the end-of-turn token or a tool call, so the env takes any text (end_on_no_tool_call=False) and every
-turn runs to the cap: both sides generate the same number of tokens. The naive side of the 0.5B-shaped model is
-measured on fewer episodes (it runs one at a time, so its per-episode rate does not depend on how many). "Tokens
-fed" counts the positions each side pushes through the model per episode, a count that machine noise cannot move.
-The user-latency part serves a 200 ms /v1/chat/completions on loopback and reports the env/user wall time of one
-turn of 32 episodes. The last line printed is one JSON object with the headline figures.
+(1) The mixed workload: 32 episodes (4 tasks x group 8), 8 turns, each turn's length drawn per episode and turn
+between 8 and 256 tokens, a loopback user that answers every turn in 200 ms +- 50%. A random model would almost
+never end a turn, so its logits are replaced (its compute is not, nor the rollout's sampling): a turn's first
+token is drawn uniformly among 249 "countdown" tokens, each standing for how many tokens are left; each countdown
+token forces the next one down, and the last forces the end-of-turn token. The draw is the rollout's own seeded
+sampling, so both schedules generate the very same episodes. Per schedule: episodes/s, slot utilisation (real
+tokens / positions computed, holes and padding included), host syncs per decoded token (device-to-host reads the
+host waits for, counted: on CPU nothing waits, on a GPU each one idles it), bytes of KV cache copied per decoded
+token, measured again at twice the context (turns of 8-512 tokens), and the fraction of wall time in which no row
+was decoding. Then the workload at Qwen2.5-0.5B's shape, scaled down (it is 100x the compute per token).
+(2) The naive loop against rollout.py (its default schedule, the engine): 32 episodes, 8 turns, every turn runs to
+a 32-token cap, no user; "fed" counts the positions pushed through the model per episode.
+Episodes/s depend on what else the machine runs (printed: the load average); counts and ratios within one run
+much less. The last line printed is one JSON object with every figure: `speedup` (engine / lockstep,
+episodes/s), `slot_utilization` and `syncs_per_token` (engine) head it.
 """
 import argparse
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -65,87 +73,37 @@ def tasks_for(n_tasks, ask_user=False):
             for j in range(n_tasks)]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# (a) the naive loop
+class Countdown(torch.nn.Module):
+    """The model's forward with its next-token logits replaced: after a countdown token c_r (r tokens left) only
+    c_(r-1) is allowed, after c_1 only the end-of-turn token, after anything else (a turn's start) any of
+    c_(shortest-1) .. c_(longest-1), uniformly. Countdown tokens are ids base+1 .. base+longest-1 of the tiny
+    tokenizer, away from the chat template's."""
 
+    def __init__(self, model, eos: int, shortest: int, longest: int, base: int = 1000):
+        super().__init__()
+        self.model, self.eos, self.shortest, self.longest, self.base = model, eos, shortest, longest, base
+        self.config, self.generation_config = model.config, model.generation_config
 
-@torch.no_grad()
-def naive(model, tok, tasks, group_size, cfg, user=None):
-    """One episode at a time; every turn re-renders the whole conversation and calls model.generate on it."""
-    out = {"episodes": 0, "generated": 0, "fed": 0, "prefill": 0, "time_user": 0.0, "turns": 0}
-    for gym, task in tasks:
-        for _ in range(group_size):
-            env = envs.make_env(gym, task, user=user, max_turns=cfg.max_turns, show_reward=cfg.show_reward,
-                                eval_mode=cfg.eval_mode)
-            messages = rollout.prompt_messages(env)
-            for _ in range(cfg.max_turns):
-                ids = torch.tensor([rollout.render_ids(tok, messages, add_generation_prompt=True)])
-                # top_k=0: sample from the full distribution, as rollout.py does (generate's default is top-k 50)
-                gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
-                out["generated"] += len(gen)
-                out["prefill"] += ids.shape[1]
-                out["fed"] += ids.shape[1] + len(gen) - 1  # the prompt, then every new token but the last
-                out["turns"] += 1
-                text = tok.decode(gen[:-1] if gen[-1] == tok.eos_token_id else gen, skip_special_tokens=False)
-                t0 = time.perf_counter()
-                obs, _, done, _ = env.step(text)
-                out["time_user"] += time.perf_counter() - t0
-                messages += [{"role": "assistant", "content": text}, {"role": "tool", "content": obs}]
-                if done:
-                    break
-            out["episodes"] += 1
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-def compare(name, model, tok, n_tasks, group_size, naive_episodes, cfg):
-    warm = rollout.RolloutConfig(**{**cfg.__dict__, "max_turns": 1, "max_new_tokens": 2})
-    naive(model, tok, tasks_for(1), 1, warm)  # first calls pay one-time costs (allocator, kernels): not measured
-    rollout.rollout(model, tok, tasks_for(1), 2, warm)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    a = naive(model, tok, tasks_for(1), naive_episodes, cfg)
-    ta = time.perf_counter() - t0
-    stats = {}
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    eps = rollout.rollout(model, tok, tasks_for(n_tasks), group_size, cfg, stats=stats)
-    tb = time.perf_counter() - t0
-    n = len(eps)
-    row = {"naive_episodes_per_s": a["episodes"] / ta, "rollout_episodes_per_s": n / tb,
-           "naive_tokens_per_s": a["generated"] / ta, "rollout_tokens_per_s": stats["tokens_generated"] / tb,
-           "naive_fed_per_episode": a["fed"] / a["episodes"], "rollout_fed_per_episode": stats["tokens_fed"] / n,
-           "naive_prefill_per_episode": a["prefill"] / a["episodes"],
-           "rollout_prefill_per_episode": stats["tokens_prefill"] / n,
-           "rollout_slots_per_episode": stats["slots_fed"] / n,
-           "generated_per_episode": stats["tokens_generated"] / n, "naive_episodes": a["episodes"], "episodes": n}
-    row["speedup"] = row["rollout_episodes_per_s"] / row["naive_episodes_per_s"]
-    row["prefill_ratio"] = row["rollout_prefill_per_episode"] / row["naive_prefill_per_episode"]
-    print(f"\n{name}: {n} episodes ({n_tasks} tasks x group {group_size}), {cfg.max_turns} turns, "
-          f"{cfg.max_new_tokens} new tokens per turn; naive measured on {a['episodes']} episodes")
-    print(f"  {'':9}{'episodes/s':>12}{'gen tok/s':>11}{'fed/episode':>13}{'prefill/episode':>17}")
-    print(f"  {'naive':9}{row['naive_episodes_per_s']:12.3f}{row['naive_tokens_per_s']:11.1f}"
-          f"{row['naive_fed_per_episode']:13.0f}{row['naive_prefill_per_episode']:17.0f}")
-    print(f"  {'rollout':9}{row['rollout_episodes_per_s']:12.3f}{row['rollout_tokens_per_s']:11.1f}"
-          f"{row['rollout_fed_per_episode']:13.0f}{row['rollout_prefill_per_episode']:17.0f}"
-          f"   (positions computed incl. padding: {row['rollout_slots_per_episode']:.0f})")
-    print(f"  speedup {row['speedup']:.1f}x, prefill work {row['prefill_ratio']:.2f} of naive")
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    def forward(self, input_ids, cache=None, **kwargs):
+        out = self.model(input_ids=input_ids, cache=cache, **kwargs)
+        if out.logits.shape[1] == 0:  # a prefill: no logits asked for
+            return out
+        left = input_ids[:, -1] - self.base
+        counting = (left >= 1) & (left < self.longest)
+        vocab = torch.arange(out.logits.shape[-1], device=input_ids.device)
+        start = (vocab >= self.base + self.shortest - 1) & (vocab <= self.base + self.longest - 1)
+        forced = torch.where(left >= 2, input_ids[:, -1] - 1, self.eos)
+        allowed = torch.where(counting[:, None], vocab == forced[:, None], start)
+        out.logits[:, -1] = torch.where(allowed, 0.0, -1e4) + 0 * out.logits[:, -1]
+        return out
 
 
 class SlowUser(BaseHTTPRequestHandler):
-    """An OpenAI-compatible endpoint on loopback that takes 200 ms per reply."""
-
-    delay = 0.2
+    """An OpenAI-compatible endpoint on loopback that answers in 200 ms +- 50% (uniform 100-300 ms)."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        time.sleep(self.delay)
+        time.sleep(random.uniform(0.1, 0.3))
         data = json.dumps({"choices": [{"message": {"role": "assistant",
                                                     "content": "Somewhere warm, and not too far."}}]}).encode()
         self.send_response(200)
@@ -163,54 +121,160 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default backlog of 5 drops simultaneous connects, which retry after 1 s
 
 
-def user_latency(model, tok, turns, cfg):
-    server = Server(("127.0.0.1", 0), SlowUser)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        user = users.make_user("http", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="user",
-                               max_concurrency=64)
-        cfg = rollout.RolloutConfig(**{**cfg.__dict__, "max_turns": turns})
-        a = naive(model, tok, tasks_for(1, ask_user=True), 1, cfg, user=user)
-        stats = {}
-        eps = rollout.rollout(model, tok, tasks_for(4, ask_user=True), 8, cfg, user=user, stats=stats)
-    finally:
-        server.shutdown()
+# ----------------------------------------------------------------------------------------------------------
+# (1) the mixed workload, both schedules
+
+
+def run_schedule(policy, tok, user, n_tasks, group, turns, longest, schedule):
+    cfg = rollout.RolloutConfig(max_turns=turns, max_new_tokens=longest, max_episode_tokens=turns * (longest + 64),
+                                end_on_no_tool_call=False, progress=False, schedule=schedule)
+    torch.manual_seed(0)
+    stats = {}
+    t0 = time.perf_counter()
+    eps = rollout.rollout(policy, tok, tasks_for(n_tasks, ask_user=True), group, cfg, user=user, stats=stats)
+    wall = time.perf_counter() - t0
     assert not any(ep.failed for ep in eps), [ep.info.get("error") for ep in eps if ep.failed]
-    per_call = a["time_user"] / a["turns"]
-    per_turn = (stats["time_env"]) / stats["turns"]  # includes the resets, which call no user here
-    print(f"\nuser latency: 200 ms loopback endpoint, {len(eps)} episodes x {turns} turns")
-    print(f"  naive: {per_call * 1000:.0f} ms per user call, one at a time -> {len(eps) * per_call:.2f} s of user "
-          f"time per turn of {len(eps)} episodes")
-    print(f"  rollout: {per_turn:.3f} s of env/user wall time per turn of {len(eps)} episodes")
-    return {"user_call_s": round(per_call, 4), "naive_user_s_per_turn_32": round(len(eps) * per_call, 3),
-            "rollout_user_s_per_turn_32": round(per_turn, 4)}
+    tokens = stats["tokens_generated"]
+    return {"episodes_per_s": len(eps) / wall, "slot_utilization": stats["slot_utilization"],
+            "syncs_per_token": stats["host_syncs"] / tokens,
+            "copied_bytes_per_token": stats["cache_bytes_copied"] / tokens,
+            "no_decode_fraction": 1 - stats["time_decode"] / wall, "wall_s": wall, "tokens_generated": tokens,
+            "context_mean": sum(len(ep.ids) for ep in eps) / len(eps), "decode_steps": stats["decode_steps"],
+            "cache_mib": stats["cache_bytes"] / 2**20, "ids": [ep.ids for ep in eps]}
+
+
+def mixed(name, model, tok, user, n_tasks, group, turns, longest, longer=None, rounds=1):
+    """Both schedules on the workload, alternating for `rounds` rounds, each keeping its fastest run; with `longer`,
+    the copies again with turns of up to `longer` tokens."""
+    policy = Countdown(model, tok.eos_token_id, 8, longest)
+    for schedule in ("lockstep", "engine"):  # first calls pay one-time costs (allocator, kernels): not measured
+        run_schedule(policy, tok, user, 1, 2, 1, 16, schedule)
+    rows = {}
+    for _ in range(rounds):
+        for s in ("lockstep", "engine"):
+            run = run_schedule(policy, tok, user, n_tasks, group, turns, longest, s)
+            if s not in rows or run["episodes_per_s"] > rows[s]["episodes_per_s"]:
+                rows[s] = run
+    assert rows["engine"].pop("ids") == rows["lockstep"].pop("ids")  # the very same episodes
+    if longer:
+        policy.longest = longer
+        for s in ("lockstep", "engine"):
+            long_run = run_schedule(policy, tok, user, max(1, n_tasks // 2), group, turns, longer, s)
+            rows[s]["long_copied_bytes_per_token"] = long_run["copied_bytes_per_token"]
+            rows[s]["long_context_mean"] = long_run["context_mean"]
+    speedup = rows["engine"]["episodes_per_s"] / rows["lockstep"]["episodes_per_s"]
+    print(f"\n{name}: {n_tasks * group} episodes ({n_tasks} tasks x {group}), {turns} turns of 8-{longest} tokens, "
+          f"a 200 ms +- 50% user; {rows['engine']['tokens_generated']} tokens generated by each schedule; "
+          f"fastest of {rounds} alternating run(s) each")
+    print(f"  {'':9}{'episodes/s':>11}{'slot util':>10}{'syncs/token':>12}{'copied B/token':>15}"
+          f"{'no row decoding':>16}{'decode steps':>13}{'cache MiB':>10}")
+    for s, r in rows.items():
+        print(f"  {s:9}{r['episodes_per_s']:11.3f}{r['slot_utilization']:10.3f}{r['syncs_per_token']:12.4f}"
+              f"{r['copied_bytes_per_token']:15,.0f}{r['no_decode_fraction']:16.2f}{r['decode_steps']:13}"
+              f"{r['cache_mib']:10.1f}")
+    if longer:
+        print(f"  bytes copied per token at a mean context of {rows['engine']['context_mean']:.0f} -> "
+              f"{rows['engine']['long_context_mean']:.0f} tokens (turns of 8-{longer}): " + ", ".join(
+                  f"{s} {r['copied_bytes_per_token']:,.0f} -> {r['long_copied_bytes_per_token']:,.0f}"
+                  for s, r in rows.items()))
+    print(f"  speedup (engine / lockstep, episodes/s) {speedup:.2f}x")
+    return {"speedup": round(speedup, 3), **{s: {k: round(v, 4) for k, v in r.items()} for s, r in rows.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (2) the naive loop against rollout.py
+
+
+@torch.no_grad()
+def naive(model, tok, tasks, group_size, cfg):
+    """One episode at a time; every turn re-renders the whole conversation and calls model.generate on it."""
+    out = {"episodes": 0, "generated": 0, "fed": 0, "prefill": 0}
+    for gym, task in tasks:
+        for _ in range(group_size):
+            env = envs.make_env(gym, task, max_turns=cfg.max_turns, show_reward=cfg.show_reward)
+            messages = rollout.prompt_messages(env)
+            for _ in range(cfg.max_turns):
+                ids = torch.tensor([rollout.render_ids(tok, messages, add_generation_prompt=True)])
+                # top_k=0: sample from the full distribution, as rollout.py does (generate's default is top-k 50)
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+                out["generated"] += len(gen)
+                out["prefill"] += ids.shape[1]
+                out["fed"] += ids.shape[1] + len(gen) - 1  # the prompt, then every new token but the last
+                text = tok.decode(gen[:-1] if gen[-1] == tok.eos_token_id else gen, skip_special_tokens=False)
+                obs, _, done, _ = env.step(text)
+                messages += [{"role": "assistant", "content": text}, {"role": "tool", "content": obs}]
+                if done:
+                    break
+            out["episodes"] += 1
+    return out
+
+
+def compare(name, model, tok, n_tasks, group_size, naive_episodes, cfg):
+    warm = rollout.RolloutConfig(**{**cfg.__dict__, "max_turns": 1, "max_new_tokens": 2})
+    naive(model, tok, tasks_for(1), 1, warm)  # first calls pay one-time costs (allocator, kernels): not measured
+    rollout.rollout(model, tok, tasks_for(1), 2, warm)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    a = naive(model, tok, tasks_for(1), naive_episodes, cfg)
+    ta = time.perf_counter() - t0
+    stats = {}
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    eps = rollout.rollout(model, tok, tasks_for(n_tasks), group_size, cfg, stats=stats)
+    tb = time.perf_counter() - t0
+    n = len(eps)
+    row = {"naive_episodes_per_s": a["episodes"] / ta, "rollout_episodes_per_s": n / tb,
+           "naive_fed_per_episode": a["fed"] / a["episodes"], "rollout_fed_per_episode": stats["tokens_fed"] / n,
+           "naive_prefill_per_episode": a["prefill"] / a["episodes"],
+           "rollout_prefill_per_episode": stats["tokens_prefill"] / n, "naive_episodes": a["episodes"], "episodes": n}
+    row["speedup"] = row["rollout_episodes_per_s"] / row["naive_episodes_per_s"]
+    row["prefill_ratio"] = row["rollout_prefill_per_episode"] / row["naive_prefill_per_episode"]
+    print(f"\n{name}: {n} episodes ({n_tasks} tasks x group {group_size}), {cfg.max_turns} turns, "
+          f"{cfg.max_new_tokens} new tokens per turn; naive measured on {a['episodes']} episodes")
+    print(f"  {'':9}{'episodes/s':>12}{'fed/episode':>13}{'prefill/episode':>17}")
+    for side in ("naive", "rollout"):
+        print(f"  {side:9}{row[side + '_episodes_per_s']:12.3f}{row[side + '_fed_per_episode']:13.0f}"
+              f"{row[side + '_prefill_per_episode']:17.0f}")
+    print(f"  speedup {row['speedup']:.1f}x, prefill work {row['prefill_ratio']:.2f} of naive")
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shape, under a minute on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="small shapes, under a minute on 2 CPU cores")
     args = p.parse_args()
-    torch.manual_seed(0)
     model, tok = train.load_model("tiny")
     print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-          f"the models run on CPU; load average at start {os.getloadavg()[0]:.1f} (other work skews timings)")
-    if args.quick:
-        cfg = rollout.RolloutConfig(max_turns=8, max_new_tokens=16, end_on_no_tool_call=False, progress=False)
-        big_layers, big_cfg, big_groups, big_naive = 2, rollout.RolloutConfig(**{**cfg.__dict__, "max_turns": 3,
-                                                                              "max_new_tokens": 8}), (2, 4), 1
-        tiny_naive, latency_turns = 4, 2
-    else:
-        cfg = rollout.RolloutConfig(max_turns=8, max_new_tokens=32, end_on_no_tool_call=False, progress=False)
-        big_layers, big_cfg, big_groups, big_naive = 24, cfg, (4, 8), 2
-        tiny_naive, latency_turns = 8, 3
-    result = {"quick": args.quick, "turns": cfg.max_turns}
-    result["tiny"] = compare("tiny model (Qwen3, hidden 64, 2 layers, vocab 1,536)", model, tok, 4, 8, tiny_naive, cfg)
-    result["user"] = user_latency(model, tok, latency_turns, cfg)
+          f"the models run on CPU in fp32; load average at start {os.getloadavg()[0]:.1f} (other work skews timings)")
+    server = Server(("127.0.0.1", 0), SlowUser)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    user = users.make_user("http", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="user",
+                          max_concurrency=64)
+    q = args.quick
+    big_layers = 2 if q else 24
     big = qwen05b_shape(tok, big_layers)
-    name = f"random model of Qwen2.5-0.5B's shape ({big_layers} of its 24 layers, " \
-           f"{sum(p.numel() for p in big.parameters()) / 1e6:.0f}M parameters)"
-    result["qwen2.5-0.5b-shape"] = compare(name, big, tok, *big_groups, big_naive, big_cfg)
-    result["qwen2.5-0.5b-shape"]["layers"] = big_layers
+    big_name = f"random model of Qwen2.5-0.5B's shape ({big_layers} of its 24 layers, " \
+               f"{sum(p.numel() for p in big.parameters()) / 1e6:.0f}M parameters)"
+    try:
+        result = {"quick": q}
+        tiny = mixed("tiny model (Qwen3, hidden 64, 2 layers, vocab 1,536)", model, tok, user, 2 if q else 4,
+                     4 if q else 8, 4 if q else 8, 64 if q else 256, longer=128 if q else 512, rounds=1 if q else 2)
+        result.update(speedup=tiny["speedup"], slot_utilization=tiny["engine"]["slot_utilization"],
+                      syncs_per_token=tiny["engine"]["syncs_per_token"], tiny_mixed=tiny)
+        result["qwen2.5-0.5b-shape_mixed"] = mixed(big_name, big, tok, user, 1 if q else 2, 2 if q else 4,
+                                                   2 if q else 4, 16 if q else 64)
+    finally:
+        server.shutdown()
+    cfg = rollout.RolloutConfig(max_turns=4 if q else 8, max_new_tokens=16 if q else 32, end_on_no_tool_call=False,
+                                progress=False)
+    result["tiny_vs_naive"] = compare("tiny model against the naive loop", model, tok, 2 if q else 4, 4 if q else 8,
+                                      2 if q else 8, cfg)
+    big_cfg = rollout.RolloutConfig(**{**cfg.__dict__, "max_turns": 2 if q else 8, "max_new_tokens": 8 if q else 32})
+    result["qwen2.5-0.5b-shape_vs_naive"] = compare(big_name + " against the naive loop", big, tok, 1 if q else 4,
+                                                    2 if q else 8, 1 if q else 2, big_cfg)
     result["load_average_end"] = round(os.getloadavg()[0], 1)
     print(f"\nload average at end {result['load_average_end']}")
     print(json.dumps(result))

@@ -1,9 +1,9 @@
 """train.py's command line with toy gyms added, for tests/test_distributed.py and tests/test_reliability.py:
-`python tests/dist_train.py --nproc 3 ...` is `python train.py --nproc 3 ...` where `--gyms '{"comma": 1}'
---eval_gyms comma` name the comma gym of tests/test_train.py (reward 1 when the reply holds a comma; the random tiny
-model writes one often enough for GRPO to have a signal), and "usercomma" the same gym asking the simulated user
-every turn (tests/test_reliability.py). When train.py launches ranks, each rank runs this file again, so every rank
-has the gyms.
+`python tests/dist_train.py --nproc 3 ...` is `python train.py --algo grpo --nproc 3 ...` where `--gyms
+'{"comma": 1}' --eval_gyms comma` name the comma gym of tests/test_train.py (reward 1 when the reply holds a comma;
+the random tiny model writes one often enough for GRPO to have a signal), and "usercomma" the same gym asking the
+simulated user every turn (tests/test_reliability.py). When train.py launches ranks, each rank runs this file
+again, so every rank has the gyms.
 DIST_TRAIN_FAIL_RANK=r makes rank r exit with status 3 as it starts (a rank that dies).
 """
 import os
@@ -34,4 +34,4 @@ if __name__ == "__main__":
         sys.exit(3)
     envs.load_tasks = add_comma_gym(envs.GYMS, envs.load_tasks)
     envs.GYMS["usercomma"] = UserCommaEnv
-    train.main(sys.argv[1:], entry=__file__)
+    train.main(["--algo", "grpo", *sys.argv[1:]], entry=__file__)

@@ -16,10 +16,11 @@ from test_train import CommaEnv, read_metrics, small_cfg
 
 
 def fails_before_work(monkeypatch, tmp_path, *argv) -> str:
-    """The error line `python train.py ARGV` exits with; asserts that no model loaded and no run folder exists."""
+    """The error line `python train.py --algo grpo ARGV` exits with; asserts that no model loaded and no run folder
+    exists."""
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as e:
-        train.main([*argv, "--out_dir", str(tmp_path / "run")])
+        train.main(["--algo", "grpo", *argv, "--out_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
     line = str(e.value.code)
     assert "\n" not in line and len(line) < 600, line

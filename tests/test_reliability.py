@@ -128,7 +128,8 @@ def test_a_step_with_too_many_failures_stops_the_run_naming_the_endpoint_and_rea
         monkeypatch.setattr(envs, "load_tasks", lambda gym, split="train", data_dir=None:
                             POOL["usercomma"] if gym == "usercomma" else real(gym, split, data_dir))
         with pytest.raises(SystemExit) as e:
-            train.main(["--out_dir", str(tmp_path / "cmd"), "--gyms", '{"usercomma": 1}', "--eval_gyms", "",
+            train.main(["--algo", "grpo", "--out_dir", str(tmp_path / "cmd"), "--gyms", '{"usercomma": 1}',
+                        "--eval_gyms", "",
                         "--batch_size", "1", "--mini_batch_size", "1", "--group_size", "2",
                         "--rollout.progress", "false",
                         "--rollout.max_new_tokens", "4", "--rollout.end_on_no_tool_call", "false",
@@ -240,7 +241,8 @@ def test_a_second_signal_stops_at_once_and_leaves_the_last_complete_checkpoint(t
 def test_sigterm_to_the_command_is_one_line(tmp_path):
     """The command itself: SIGTERM at step 1's update ends python train.py with one line on stderr and status 143
     (128 + SIGTERM), no traceback, the step finished and checkpointed."""
-    cmd = [sys.executable, "train.py", "--out_dir", str(tmp_path), "--batch_size", "2", "--group_size", "2",
+    cmd = [sys.executable, "train.py", "--algo", "grpo", "--out_dir", str(tmp_path), "--batch_size", "2",
+           "--group_size", "2",
            "--rollout.max_new_tokens", "8", "--rollout.progress", "false", "--eval_gyms", "", "--gyms",
            '{"telepathy": 1}', "--steps", "2"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -172,6 +172,30 @@ def test_new_idea_is_one_function_and_one_line():
     assert tok == [approx([0, 0, a]), approx([0, -a])]
 
 
+def test_a_credit_can_read_each_turns_env_info():
+    # The README's example: no credit for a turn whose tool call the env could not parse (info has "error").
+    def credit_wellformed(turn_rewards, gamma, turn_info=None):
+        return [0.0 if "error" in info else 1.0 for info in turn_info or [{}] * len(turn_rewards)]
+
+    rewards.CREDITS["wellformed"] = credit_wellformed
+    try:
+        info = [[{"error": "no JSON"}, {"choice": "answer"}], [{}, {}]]
+        tok, _ = rewards.compute_advantages([[0.0, 1.0], [0.0, 0.0]], [[2, 1], [1, 1]], [0, 0], credit="wellformed",
+                                            turn_info=info)
+        assert rewards.turn_credits([0.0, 1.0], "wellformed", turn_info=info[0]) == [0.0, 1.0]
+        assert rewards.turn_credits([0.0, 1.0], "wellformed") == [1.0, 1.0]  # no info given: none is read
+    finally:
+        del rewards.CREDITS["wellformed"]
+    a = 0.25 / (math.sqrt(0.125) + 1e-6)  # as above: mean scores 0.5 and 0 in one group
+    assert tok == [approx([0, 0, a]), approx([-a, -a])]  # the malformed turn's two tokens get nothing
+    # The built-in credits take turn_info and ignore it.
+    plain = rewards.compute_advantages([[0.0, 1.0], [0.0, 0.0]], [[2, 1], [1, 1]], [0, 0], credit="em")
+    assert rewards.compute_advantages([[0.0, 1.0], [0.0, 0.0]], [[2, 1], [1, 1]], [0, 0], credit="em",
+                                      turn_info=info) == plain
+    with pytest.raises(ValueError, match="episode 1: 2 turn rewards but 1 turn_info entries"):
+        rewards.compute_advantages([[0.0], [0.0, 1.0]], [[1], [1, 1]], [0, 0], turn_info=[[{}], [{}]])
+
+
 def test_zero_spread_fraction():
     assert rewards.zero_spread_fraction([1.0, 1.0, 0.0, 1.0, 0.3], [0, 0, 1, 1, 2]) == approx(2 / 3)
     assert rewards.zero_spread_fraction([], []) == 0.0

@@ -1,7 +1,10 @@
-"""rollout.py: cache-kept multi-turn generation equals one plain forward, masks, template ids, failures, order."""
+"""rollout.py: cache-kept multi-turn generation equals one plain forward (both schedules, three model families),
+masks, template ids, the engine's scheduling (rejoining rows, admissions, failures, budget cuts, timeouts), counts,
+per-turn env info, order, the HTTP agent and transcripts."""
 import copy
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -15,13 +18,17 @@ import users
 class ToyEnv(envs.Env):
     """A gym of test tasks: the opening is the task's question, each turn's observation grows with the turn and
     with `k`, rewards are 0.5 x turn, done after `turns` turns; `fail_at` makes the user fail at that turn
-    (0: on reset). Every text the agent sends is kept in `seen`."""
+    (0: on reset); `delay` seconds each step takes (a slow user); `block` the Events the step at turn `block_at`
+    waits for (a stuck user, or one that answers only once other episodes got somewhere: orderings are tested
+    by events, not by timing); `signal` an Event set when the step at turn `signal_at` starts; `end_reason` the
+    info the last step ends with. Each step's info is {"turn": t}.
+    Every text the agent sends is kept in `seen`, and when each step started and ended in `times` and `ends`."""
 
     name = "toy"
     system_prompt = "Help the user. You have {max_turns} turns."
 
     def opening(self):
-        self.seen = []
+        self.seen, self.times, self.ends = [], [], []
         if self.task.get("fail_at") == 0:
             raise users.UserError("the user endpoint is down")
         return self.task["question"]
@@ -29,12 +36,25 @@ class ToyEnv(envs.Env):
     def step(self, text):
         self.turn += 1
         self.seen.append(text)
-        if self.task.get("fail_at") == self.turn:
-            raise users.UserError("the user endpoint is down")
+        self.times.append(time.perf_counter())
+        if self.task.get("signal_at") == self.turn:
+            self.task["signal"].set()
+        try:
+            time.sleep(self.task.get("delay", 0.0))
+            if self.task.get("block_at") == self.turn:
+                for event in self.task["block"]:
+                    event.wait(timeout=60)  # a schedule that waits for this step fails the test, not hangs
+            if self.task.get("fail_at") == self.turn:
+                raise users.UserError("the user endpoint is down")
+        finally:
+            self.ends.append(time.perf_counter())
         obs = f"Observation {self.turn}: " + "ok " * (self.turn * self.task["k"])
         if self.show_reward:
             obs += f"\nReward: {0.5 * self.turn}"
-        return obs, 0.5 * self.turn, self.turn >= self.task["turns"], {}
+        done = self.turn >= self.task["turns"]
+        info = {"turn": self.turn, **({"end_reason": self.task["end_reason"]} if done and "end_reason" in self.task
+                                      else {})}
+        return obs, 0.5 * self.turn, done, info
 
 
 class Biased(torch.nn.Module):
@@ -44,11 +64,12 @@ class Biased(torch.nn.Module):
     def __init__(self, model, bias: dict, period: int = 0):
         super().__init__()
         self.model, self.bias, self.period = model, bias, period
-        self.generation_config = model.generation_config
+        self.config, self.generation_config = model.config, model.generation_config
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0,
+                **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         use_cache=use_cache, logits_to_keep=logits_to_keep)
+                         use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         on = 1.0
         if self.period:
             if position_ids is None:  # a plain forward from position 0
@@ -96,25 +117,32 @@ def full_forward_logprobs(model, ids, temperature):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_cached_multiturn_logprobs_equal_one_full_forward(tiny, toy, temperature, top_p):
-    model, tok = tiny
-    policy = Biased(model, {tok.eos_token_id: 4.0 * temperature})  # about 1 in 20 tokens ends the turn
-    tasks = [("toy", task(j)) for j in range(4)]
-    torch.manual_seed(0)
-    stats = {}
-    eps = rollout.rollout(policy, tok, tasks, 3, cfg(temperature=temperature, top_p=top_p), stats=stats)
-    # The batch really was ragged: prompts, turn counts and turn lengths all differ between rows.
-    assert len({ep.info["prompt_tokens"] for ep in eps}) == 4
-    assert {ep.info["turns"] for ep in eps} == {1, 2, 3}
-    lengths = [e - s for ep in eps for s, e in ep.turn_spans]
-    assert len(set(lengths)) > 3 and max(lengths) == 25  # some turns hit the 24-token cap (+ the closing eos)
+def assert_logprobs_exact(policy, eps, temperature=1.0):
+    """Stored log-probs equal one full forward over the final ids (fp32, 1e-4), on exactly the sampled tokens."""
     for ep in eps:
         ref = full_forward_logprobs(policy, ep.ids, temperature)
         mask = torch.tensor(ep.loss_mask, dtype=torch.bool)
         got = torch.tensor(ep.logprobs)
         assert torch.allclose(got[mask], ref[mask], atol=1e-4, rtol=0), (got[mask] - ref[mask]).abs().max()
         assert (got[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("schedule", ["engine", "lockstep"])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_cached_multiturn_logprobs_equal_one_full_forward(tiny, toy, temperature, top_p, schedule):
+    model, tok = tiny
+    policy = Biased(model, {tok.eos_token_id: 4.0 * temperature})  # about 1 in 20 tokens ends the turn
+    tasks = [("toy", task(j)) for j in range(4)]
+    torch.manual_seed(0)
+    stats = {}
+    eps = rollout.rollout(policy, tok, tasks, 3, cfg(temperature=temperature, top_p=top_p, schedule=schedule),
+                          stats=stats)
+    # The batch really was ragged: prompts, turn counts and turn lengths all differ between rows.
+    assert len({ep.info["prompt_tokens"] for ep in eps}) == 4
+    assert {ep.info["turns"] for ep in eps} == {1, 2, 3}
+    lengths = [e - s for ep in eps for s, e in ep.turn_spans]
+    assert len(set(lengths)) > 3 and max(lengths) == 25  # some turns hit the 24-token cap (+ the closing eos)
+    assert_logprobs_exact(policy, eps, temperature)
     assert sum(sum(ep.loss_mask) for ep in eps) == stats["tokens_generated"]
 
 
@@ -196,16 +224,18 @@ def test_observation_wrapper_is_the_qwen_tool_turn(tiny):
                                                 "\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_a_failing_user_fails_only_its_episodes(tiny, toy):
+@pytest.mark.parametrize("schedule", ["engine", "lockstep"])
+def test_a_failing_user_fails_only_its_episodes(tiny, toy, schedule):
     model, tok = tiny
     tasks = [("toy", task(0)), ("toy", task(1, fail_at=0)), ("toy", task(2, fail_at=2)), ("toy", task(5))]
-    eps = rollout.rollout(Biased(model, {tok.eos_token_id: 4.0}), tok, tasks, 2, cfg())
+    eps = rollout.rollout(Biased(model, {tok.eos_token_id: 4.0}), tok, tasks, 2, cfg(schedule=schedule))
     reasons = [ep.info["end_reason"] for ep in eps]
     assert reasons == ["done", "done", "user_failure", "user_failure", "user_failure", "user_failure", "done", "done"]
     assert [ep.failed for ep in eps] == [r == "user_failure" for r in reasons]
     assert [ep.info["turns"] for ep in eps] == [1, 1, 0, 0, 2, 2, 3, 3]
     assert eps[2].ids == [] and "down" in eps[2].info["error"]
     assert eps[4].turn_rewards == [0.5, 0.0] and len(eps[4].turn_spans) == 2
+    assert eps[4].turn_info == [{"turn": 1}, {}]  # the failed step gave no info
     assert eps[6].turn_rewards == [0.5, 1.0, 1.5]
 
 
@@ -242,14 +272,222 @@ def test_each_episode_records_its_envs_episode_score(tiny, toy, monkeypatch):
     assert [ep.info["score"] for ep in eps] == [12.0, 12.0, 13.0, 13.0]
 
 
-def test_budget_and_max_turns_end_episodes(tiny, toy):
+@pytest.mark.parametrize("schedule", ["engine", "lockstep"])
+def test_budget_and_max_turns_end_episodes(tiny, toy, schedule):
     model, tok = tiny
-    eps = rollout.rollout(model, tok, [("toy", task(2, turns=99))], 2, cfg(max_new_tokens=10, max_episode_tokens=60))
+    eps = rollout.rollout(model, tok, [("toy", task(2, turns=99))], 2, cfg(max_new_tokens=10, max_episode_tokens=60,
+                                                                           schedule=schedule))
     for ep in eps:
         assert ep.info["end_reason"] == "budget"
         assert len(ep.ids) - ep.info["prompt_tokens"] <= 60
-    eps = rollout.rollout(model, tok, [("toy", task(2, turns=99))], 1, cfg(max_new_tokens=4, max_turns=3))
+    eps = rollout.rollout(model, tok, [("toy", task(2, turns=99))], 1, cfg(max_new_tokens=4, max_turns=3,
+                                                                           schedule=schedule))
     assert eps[0].info["end_reason"] == "max_turns" and eps[0].info["turns"] == 3 and len(eps[0].turn_rewards) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine's scheduling: rows leave and rejoin, episodes take freed rows, failures and cuts stay local
+
+
+def test_engine_turns_do_not_wait_for_each_other(tiny, toy):
+    # Observations differ in length (k) and one user is slow: the other rows go to their users, come back and
+    # decode their next turns while it answers; log-probs still equal one full forward in every row.
+    model, tok = tiny
+    policy = Biased(model, {tok.eos_token_id: 4.0})
+    second = [threading.Event() for _ in range(4)]  # the slow user answers once the others reach their second turn
+    tasks = [("toy", task(0, turns=3, block_at=1, block=second))]
+    tasks += [("toy", task(j, turns=3, signal_at=2, signal=second[j - 1])) for j in range(1, 5)]
+    torch.manual_seed(3)
+    stats = {}
+    eps = rollout.rollout(policy, tok, tasks, 1, cfg(sync_every=4), stats=stats)
+    assert [ep.info["end_reason"] for ep in eps] == ["done"] * 5 and len({len(ep.ids) for ep in eps}) == 5
+    slow_reply = toy[0].ends[0]
+    assert all(env.times[1] < slow_reply for env in toy[1:])  # their second turns ran before the slow reply came
+    assert_logprobs_exact(policy, eps)
+    assert stats["time_env"] < sum(ep.info["time_env"] for ep in eps)  # waiting overlapped
+
+
+def test_engine_admits_waiting_episodes_into_freed_rows(tiny, toy):
+    model, tok = tiny
+    policy = Biased(model, {tok.eos_token_id: 4.0})
+    torch.manual_seed(4)
+    stats = {}
+    eps = rollout.rollout(policy, tok, [("toy", task(j, turns=2)) for j in range(3)], 2, cfg(max_rows=2), stats=stats)
+    assert stats["rows"] == 2 and [ep.info["end_reason"] for ep in eps] == ["done"] * 6
+    first_free = min(toy[0].ends[-1], toy[1].ends[-1])
+    assert all(env.times[0] > first_free for env in toy[2:])  # admitted mid-rollout, into rows others had left
+    assert_logprobs_exact(policy, eps)
+    # Each group's second episode copied its sibling's prompt from the cache; nothing else was ever copied.
+    bpt = rollout.kv_bytes_per_token(model.config, torch.float32)
+    assert stats["cache_bytes_copied"] <= sum(eps[2 * g].info["prompt_tokens"] - 1 for g in range(3)) * bpt
+    # Allocated once: 2 rows (plus a scratch row) x (longest prompt + the episode budget, plus a scratch column).
+    assert stats["cache_bytes"] == 3 * (max(ep.info["prompt_tokens"] for ep in eps) + 8192 + 1) * bpt
+
+
+def test_engine_user_failure_while_other_rows_decode(tiny, toy):
+    model, tok = tiny
+    policy = Biased(model, {tok.eos_token_id: 4.0})
+    # The first user fails once the second episode has reached its second turn; the fourth waits for a row.
+    second = threading.Event()
+    tasks = [("toy", task(0, fail_at=1, block_at=1, block=[second])), ("toy", task(1, turns=3, signal_at=2,
+                                                                                   signal=second)),
+             ("toy", task(2, turns=3)), ("toy", task(3, turns=2))]
+    torch.manual_seed(5)
+    eps = rollout.rollout(policy, tok, tasks, 1, cfg(max_rows=3))
+    assert [ep.info["end_reason"] for ep in eps] == ["user_failure", "done", "done", "done"]
+    assert eps[0].failed and not any(ep.failed for ep in eps[1:]) and "down" in eps[0].info["error"]
+    assert toy[1].times[1] < toy[0].ends[0]  # the other rows went on decoding while the failing user was called
+    assert toy[3].times[0] > toy[0].ends[0]  # the fourth episode took the failed one's row
+    assert_logprobs_exact(policy, eps)
+
+
+@pytest.mark.parametrize("schedule", ["engine", "lockstep"])
+def test_episode_budget_hit_mid_turn(tiny, toy, schedule):
+    # Turns never end on their own (eos suppressed): each runs to the 20-token cap until the budget cuts one,
+    # at a different step of a decode chunk in each row (observations differ in length).
+    model, tok = tiny
+    policy = Biased(model, {tok.eos_token_id: -100.0})
+    torch.manual_seed(6)
+    eps = rollout.rollout(policy, tok, [("toy", task(j, turns=99)) for j in range(4)], 1,
+                          cfg(max_new_tokens=20, max_episode_tokens=75, schedule=schedule))
+    cut = 0
+    for ep in eps:
+        assert ep.info["end_reason"] == "budget"  # cut mid-turn, or no room left after an observation
+        start, end = ep.turn_spans[-1]
+        if ep.loss_mask[-1] == 1:  # cut mid-turn: no closing eos, the budget filled exactly, no env step
+            cut += 1
+            assert len(ep.ids) - ep.info["prompt_tokens"] == 75 and 0 < end - start < 20
+            assert ep.turn_info[-1] == {} and ep.turn_rewards[-1] == 0.0
+    assert cut >= 2 and len({len(ep.ids) for ep in eps}) > 1
+    assert_logprobs_exact(policy, eps)
+
+
+@pytest.mark.parametrize("schedule", ["engine", "lockstep"])
+def test_a_stuck_env_step_times_out_without_holding_the_batch(tiny, toy, schedule):
+    model, tok = tiny
+    stuck = threading.Event()
+    tasks = [("toy", task(0, block_at=1, block=[stuck])), ("toy", task(1, turns=2))]
+    try:
+        eps = rollout.rollout(model, tok, tasks, 1, cfg(env_timeout=0.5, schedule=schedule))
+        still_stuck = toy[0].ends == []
+    finally:
+        stuck.set()  # lets the stuck thread go
+    assert [ep.info["end_reason"] for ep in eps] == ["env_timeout", "done"]
+    assert eps[0].failed and "env_timeout" in eps[0].info["error"] and not eps[1].failed
+    assert still_stuck  # the rollout returned while the call was still stuck: it did not wait for it
+
+
+def test_a_seeded_rollout_repeats_whatever_the_schedule_and_timing(tiny, toy):
+    # Sampling noise depends on (episode seed, position, token) only, so neither the engine's timing-dependent
+    # batches (users answer after random delays here) nor the schedule change a single token.
+    model, tok = tiny
+    policy = Biased(model, {tok.eos_token_id: 4.0})
+    runs = []
+    for schedule, delays in (("engine", (0.0, 0.05)), ("engine", (0.05, 0.0)), ("lockstep", (0.0, 0.0))):
+        tasks = [("toy", task(j, turns=3, delay=delays[j % 2])) for j in range(4)]
+        torch.manual_seed(9)
+        runs.append(rollout.rollout(policy, tok, tasks, 2, cfg(schedule=schedule, top_p=0.9)))
+    for a, b, c in zip(*runs):
+        assert a.ids == b.ids == c.ids and a.loss_mask == b.loss_mask == c.loss_mask
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(c.logprobs), atol=1e-5)
+
+
+def test_engine_counts_syncs_utilisation_and_copies(tiny, toy):
+    model, tok = tiny
+    policy = Biased(model, {tok.eos_token_id: 4.0})
+    torch.manual_seed(7)
+    runs = {}
+    for schedule in ("engine", "lockstep"):
+        stats = {}
+        eps = rollout.rollout(policy, tok, [("toy", task(j, turns=3)) for j in range(3)], 3,
+                              cfg(schedule=schedule, sync_every=8), stats=stats)
+        runs[schedule] = stats
+    engine, lockstep = runs["engine"], runs["lockstep"]
+    bpt = rollout.kv_bytes_per_token(model.config, torch.float32)
+    # One read back per chunk of up to 8 steps over all decoding rows; lockstep waits at least twice a step.
+    assert engine["host_syncs"] <= engine["decode_steps"] / 4 and engine["host_syncs"] < engine["tokens_generated"] / 8
+    assert lockstep["host_syncs"] >= 3 * lockstep["decode_steps"]
+    # The engine copies only prompts (two siblings per group), lockstep its whole cache at every step.
+    assert engine["cache_bytes_copied"] == 2 * sum(eps[3 * g].info["prompt_tokens"] - 1 for g in range(3)) * bpt
+    assert lockstep["cache_bytes_copied"] > 10 * engine["cache_bytes_copied"]
+    assert engine["slot_utilization"] > 0.9 > lockstep["slot_utilization"]
+    assert engine["tokens_fed"] <= engine["slots_fed"]
+
+
+def test_engine_fixed_shapes_for_compilation_change_nothing(tiny, toy, monkeypatch):
+    # compile=True decodes at power-of-two row counts (padding rows write into a scratch row) over the whole
+    # cache, at power-of-two widths. With torch.compile made the identity, that path alone is checked, quickly.
+    model, tok = tiny
+    policy = Biased(model, {tok.eos_token_id: 4.0})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    runs, stats = [], {}
+    for compiled in (False, True):
+        torch.manual_seed(10)
+        runs.append(rollout.rollout(policy, tok, [("toy", task(j, turns=3)) for j in range(3)], 1,
+                                    cfg(compile=compiled, max_rows=3), stats=stats))
+    assert stats["slots_fed"] > stats["tokens_fed"]  # padded to 4 rows, then 2, 1
+    for a, b in zip(*runs):
+        assert a.ids == b.ids and a.loss_mask == b.loss_mask
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_engine_compiled_decode_step_on_cpu(tiny, toy):
+    # The real torch.compile (inductor, C++ on CPU): one chunk at one shape, about 10-25 s on 2 CPU cores, most of
+    # it compiling. More shapes would each compile again, so the fixed-shape test above covers the rest.
+    model, tok = tiny
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(11)
+        runs.append(rollout.rollout(model, tok, [("toy", task(0))], 2, cfg(compile=compiled, max_turns=1,
+                                                                          max_new_tokens=8, max_episode_tokens=40)))
+    for a, b in zip(*runs):
+        assert a.ids == b.ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_turn_info_and_the_envs_end_reason(tiny, toy, tmp_path):
+    model, tok = tiny
+    eps = rollout.rollout(model, tok, [("toy", task(1, turns=2, end_reason="malformed_call"))], 1,
+                          cfg(malformed="retry"))
+    assert toy[0].malformed == "retry"  # passed to make_env
+    assert eps[0].info["end_reason"] == "malformed_call"
+    assert eps[0].turn_info == [{"turn": 1}, {"turn": 2, "end_reason": "malformed_call"}]
+    rollout.write_transcripts(tmp_path / "t.jsonl", eps, tok)
+    assert json.loads((tmp_path / "t.jsonl").read_text())["turn_info"] == eps[0].turn_info
+
+
+def tiny_family_model(tok, family):
+    """A random Qwen2 (attention biases) or Llama decoder with grouped-query attention, sized like the tiny model."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+    config = config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_engine_runs_the_qwen2_and_llama_families(tiny, toy, family):
+    _, tok = tiny
+    policy = Biased(tiny_family_model(tok, family), {tok.eos_token_id: 4.0})
+    torch.manual_seed(8)
+    eps = rollout.rollout(policy, tok, [("toy", task(j)) for j in range(3)], 2, cfg())
+    assert_logprobs_exact(policy, eps)
+    assert policy.config._attn_implementation == "sdpa"  # the engine's attention was set for the call only
+
+
+def test_engine_refuses_sliding_window_attention(tiny, toy):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _, tok = tiny
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
+                         max_window_layers=0)
+    with pytest.raises(ValueError, match="full attention"):
+        rollout.rollout(Qwen2ForCausalLM(config), tok, [("toy", task(0))], 1, cfg())
 
 
 def test_sample_tokens_top_p_and_greedy():
@@ -266,6 +504,22 @@ def test_sample_tokens_top_p_and_greedy():
     assert abs((tokens == 0).float().mean().item() - tempered[0].item()) < 0.03
 
 
+def test_token_noise_samples_the_distribution_and_depends_only_on_its_keys():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    seeds = torch.randint(0, 1 << 62, (4000,))
+    positions = torch.randint(0, 8192, (4000,))
+    noise = rollout.token_noise(seeds, positions, 4)
+    assert torch.equal(noise, rollout.token_noise(seeds, positions, 4)) and (noise > 0).all()
+    assert not torch.equal(noise, rollout.token_noise(seeds, positions + 1, 4))
+    tokens, _ = rollout.sample_tokens(logits, noise=noise)
+    assert torch.allclose(torch.bincount(tokens, minlength=4) / 4000., torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    # One episode's tokens at consecutive positions are independent draws too.
+    tokens, _ = rollout.sample_tokens(logits, noise=rollout.token_noise(seeds[:1].expand(4000), torch.arange(4000), 4))
+    assert torch.allclose(torch.bincount(tokens, minlength=4) / 4000., torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    pairs = (tokens[:-1] == 0) & (tokens[1:] == 0)
+    assert abs(pairs.float().mean().item() - 0.25) < 0.03
+
+
 def test_bad_arguments_are_named(tiny, toy):
     model, tok = tiny
     with pytest.raises(ValueError, match="group_size"):
@@ -274,6 +528,12 @@ def test_bad_arguments_are_named(tiny, toy):
         rollout.rollout(model, tok, ["toy"], 1, cfg())
     with pytest.raises(ValueError, match="top_p"):
         rollout.rollout(model, tok, [("toy", task(0))], 1, cfg(top_p=0.0))
+    with pytest.raises(ValueError, match="rollout.schedule"):
+        cfg(schedule="async")
+    with pytest.raises(ValueError, match="rollout.malformed"):
+        cfg(malformed="ignore")
+    with pytest.raises(ValueError, match="max_rows"):
+        cfg(max_rows=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,6 +567,22 @@ class AgentServer(BaseHTTPRequestHandler):
         pass
 
 
+def test_the_agent_loop_passes_each_agent_its_env(toy):
+    class Oracle:
+        """An agent that reads its env (as envs.ExpertAgent does) and answers with a tool call."""
+
+        def complete(self, messages, tools, env=None):
+            assert tools == [envs.TOOL_SCHEMA] and isinstance(env, ToyEnv)
+            args = {"choice": "action", "content": env.task["id"]}
+            call = json.dumps({"name": "interact_with_env", "arguments": args})
+            return {"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"}
+
+    eps = rollout.rollout(Oracle(), None, [("toy", task(j, turns=2)) for j in range(2)], 1, cfg())
+    assert [ep.info["end_reason"] for ep in eps] == ["done", "done"]
+    assert [env.seen for env in toy] == [[eps[j].messages[2]["content"]] * 2 for j in range(2)]
+    assert envs.parse_action(toy[1].seen[0]).content == "toy-1"
+
+
 def test_http_agent_rollout_and_transcripts(toy, tiny, tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), AgentServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -334,5 +610,6 @@ def test_http_agent_rollout_and_transcripts(toy, tiny, tmp_path):
     recs = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(recs) == 5 and recs[0]["messages"] == eps[0].messages and recs[0]["turn_rewards"] == [0.5, 1.0, 1.5]
     assert recs[2]["failed"] and recs[2]["info"]["end_reason"] == "user_failure"
+    assert recs[0]["turn_info"] == [{"turn": 1}, {"turn": 2}, {"turn": 3}] and recs[2]["turn_info"] == [{}]
     assert recs[4]["text"] == tok.decode(local[0].ids, skip_special_tokens=False)
     assert recs[4]["num_generated"] == sum(local[0].loss_mask) and "text" not in recs[0]

@@ -133,9 +133,9 @@ def test_a_run_without_a_checkpoint_yet_is_resumed_from_the_start(tmp_path):
 
 def test_ctrl_c_prints_one_line_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--out_dir", str(run_dir), "--batch_size", "2", "--group_size", "2",
-           "--rollout.max_new_tokens", "8", "--rollout.progress", "false", "--eval_gyms", "", "--gyms",
-           '{"telepathy": 1}']
+    cmd = [sys.executable, "train.py", "--algo", "grpo", "--out_dir", str(run_dir), "--batch_size", "2",
+           "--group_size", "2", "--rollout.max_new_tokens", "8", "--rollout.progress", "false", "--eval_gyms", "",
+           "--gyms", '{"telepathy": 1}']
     p = subprocess.Popen([*cmd, "--steps", "1000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
@@ -149,7 +149,7 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(tmp_path):
     assert last.startswith("interrupted by SIGINT during step") and f"python train.py --resume {run_dir}" in last, \
         err[-2000:]
     done = int(checkpoints.latest_checkpoint(run_dir).name.split("-")[1])
-    q = subprocess.run([*cmd[:2], "--resume", str(run_dir), "--steps", str(done + 1)], cwd=ROOT, capture_output=True,
+    q = subprocess.run([*cmd[:4], "--resume", str(run_dir), "--steps", str(done + 1)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert q.returncode == 0, q.stderr[-2000:]
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, done + 2))

@@ -143,7 +143,7 @@ def run_main(monkeypatch, tmp_path, *argv) -> str:
     monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)  # first, so that the test's end removes it again
     monkeypatch.setattr(envs, "load_tasks", add_comma_gym(envs.GYMS, envs.load_tasks))
     with pytest.raises(SystemExit) as e:
-        train.main(["--gyms", '{"comma": 1}', "--rollout.progress", "false", "--save_every", "0",
+        train.main(["--algo", "grpo", "--gyms", '{"comma": 1}', "--rollout.progress", "false", "--save_every", "0",
                     "--out_dir", str(tmp_path / "run"), *argv])
     return str(e.value.code)
 
