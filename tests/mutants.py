@@ -1,4 +1,4 @@
-"""Deliberate one-line bugs in the trainer, the loss, the rollout, the rewards and the run folder, and whether the
+"""Deliberate one-line bugs in the trainer, the loss, the rollout, the rewards, the run folder and the evaluation settings, and whether the
 tests catch each one (the mutation habit of issue 16: a test suite is only as good as the bugs it fails on).
 
     python tests/mutants.py              # every mutant: its targeted tests, one mutant at a time (~35 min, 2 cores)
@@ -104,9 +104,9 @@ MUTANTS = [
     Mutant("train.py", '"tokens": int(sum(e.loss_mask)), "end"', '"tokens": len(e.ids), "end"',
            (f"{BEHAVIOURS}::test_failed_episodes_count_only_as_failures_in_the_metrics",),
            "response_tokens_mean counts the prompt and observations", quick=True),
-    Mutant("train.py", "replace(t.cfg.rollout, greedy=True,", "replace(t.cfg.rollout, greedy=False,", (EVAL,),
+    Mutant("eval.py", "replace(cfg, greedy=True,", "replace(cfg, greedy=False,", (EVAL,),
            "evaluation samples instead of greedy"),
-    Mutant("train.py", "show_reward=False, eval_mode=True)", "show_reward=False, eval_mode=False)", (EVAL,),
+    Mutant("eval.py", "show_reward=False, eval_mode=True)", "show_reward=False, eval_mode=False)", (EVAL,),
            "evaluation plays the gyms' training settings"),
     Mutant("train.py", "if task // cfg.mini_batch_size == k])", "if task % cfg.mini_batch_size == k])",
            (GOLDEN_STD,), "mini-batches hold the wrong tasks"),
@@ -123,8 +123,8 @@ MUTANTS = [
            (GOLDEN_STD,), "grad_norm metric is not the mean over updates"),
     Mutant("train.py", "task_of = [mine[j // cfg.group_size] for j", "task_of = [mine[0] for j", (GOLDEN_STD,),
            "every episode in one GRPO group"),
-    Mutant("train.py", "rewards.turn_credits(e.turn_rewards, cfg.credit, cfg.gamma)",
-           'rewards.turn_credits(e.turn_rewards, "equalized", cfg.gamma)', (SETTINGS,), "--credit ignored", quick=True),
+    Mutant("train.py", "rewards.turn_credits(e.turn_rewards, cfg.credit, cfg.gamma",
+           'rewards.turn_credits(e.turn_rewards, "equalized", cfg.gamma', (SETTINGS,), "--credit ignored", quick=True),
     Mutant("train.py", "rewards.trajectory_score(e.turn_rewards, cfg.score, cfg.gamma)",
            "rewards.trajectory_score(e.turn_rewards, cfg.score, 0.8)", (SETTINGS,), "--gamma ignored by the score",
            quick=True),
@@ -172,8 +172,8 @@ MUTANTS = [
     Mutant("rollout.py", "    ep.failed = True", "    ep.failed = False",
            ("tests/test_rollout.py::test_a_failing_user_fails_only_its_episodes",),
            "a user failure does not mark the episode failed", quick=True),
-    Mutant("rollout.py", "ThreadPoolExecutor(max_workers=cfg.env_workers) as pool:\n        t0 = time.perf_counter()\n"
-           "        prompts", "ThreadPoolExecutor(max_workers=1) as pool:\n        t0 = time.perf_counter()\n        prompts",
+    Mutant("rollout.py", "pool = ThreadPoolExecutor(max_workers=cfg.env_workers)\n    try:  # shut down",
+           "pool = ThreadPoolExecutor(max_workers=1)\n    try:  # shut down",
            (f"{BEHAVIOURS}::test_the_users_of_a_rollout_are_called_concurrently",),
            "env/user steps run one at a time", quick=True),
     # ---- rewards.py
