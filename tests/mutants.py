@@ -1,5 +1,6 @@
-"""Deliberate one-line bugs in the trainer, the loss, the rollout, the rewards, the run folder and the evaluation settings, and whether the
-tests catch each one (the mutation habit of issue 16: a test suite is only as good as the bugs it fails on).
+"""Deliberate one-line bugs in the trainer, the loss, the rollout, the rewards, the run folder and the evaluation
+settings, and whether the tests catch each one (the mutation habit of issue 16: a test suite is only as good as the
+bugs it fails on).
 
     python tests/mutants.py              # every mutant: its targeted tests, one mutant at a time (~35 min, 2 cores)
     python tests/mutants.py --quick      # the mutants whose tests take seconds (loss, rewards, rollout, phase 3)
@@ -106,7 +107,8 @@ MUTANTS = [
            "response_tokens_mean counts the prompt and observations", quick=True),
     Mutant("eval.py", "replace(cfg, greedy=True,", "replace(cfg, greedy=False,", (EVAL,),
            "evaluation samples instead of greedy"),
-    Mutant("eval.py", "show_reward=False, eval_mode=True)", "show_reward=False, eval_mode=False)", (EVAL,),
+    Mutant("eval.py", "replace(cfg, greedy=True, show_reward=False, eval_mode=True)",
+           "replace(cfg, greedy=True, show_reward=False, eval_mode=False)", (EVAL,),
            "evaluation plays the gyms' training settings"),
     Mutant("train.py", "if task // cfg.mini_batch_size == k])", "if task % cfg.mini_batch_size == k])",
            (GOLDEN_STD,), "mini-batches hold the wrong tasks"),
