@@ -140,7 +140,7 @@ def test_one_step_equals_the_update_written_out(tmp_path, monkeypatch, case):
     monkeypatch.setattr(train, "roll_out", lambda *a: rolled.append(real(*a)) or rolled[-1])
     cfg = small_cfg(tmp_path, "--steps", "1", "--batch_size", "2", "--group_size", "8", "--mini_batch_size", "1",
                     "--micro_batch_size", "3", "--rollout.max_new_tokens", "24", "--lr", "1e-2", "--save_every", "0",
-                    "--seed", "1", *CASES[case])
+                    "--seed", "0", *CASES[case])
     run_dir = train.train(cfg, task_pool={"comma": [{"id": f"d{i}"} for i in range(4)]})
     (episodes, _), = rolled
     kept = [j for j, e in enumerate(episodes) if not e.failed]
