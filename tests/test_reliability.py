@@ -198,6 +198,32 @@ def test_the_api_key_reaches_no_file_of_the_run(tmp_path):
     assert "Bearer ***" in (run_dir / "metrics.jsonl").read_text()  # the key was sent, and hidden in the log
 
 
+def test_eval_py_keeps_the_agent_endpoints_key_out_of_its_files(tmp_path):
+    """python eval.py against an agent endpoint whose error replies quote the key they were sent (the key in
+    $OPENAI_API_KEY): the key is sent, the failed episodes are reported, and no output file or console line holds
+    it. A key passed as a flag is refused without being shown."""
+    srv = OpenAIServer(model="fake-agent", faults={"500": 1.0}, echo_auth=True)
+    out = tmp_path / "eval"
+    try:
+        p = subprocess.run([sys.executable, "eval.py", "--agent_base_url", srv.url, "--agent_model", "fake-agent",
+                            "--gyms", "telepathy", "--tasks", "2", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OPENAI_API_KEY": KEY, "OMP_NUM_THREADS": "1"})
+    finally:
+        srv.close()
+    assert srv.counts.get("500", 0) > 0  # the endpoint was called (and answered with the key in its error)
+    assert KEY not in p.stdout + p.stderr
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert {"episodes.jsonl"} <= {f.name for f in files}
+    assert not [f for f in files if KEY.encode() in f.read_bytes()]
+    assert json.loads((out / "results.json").read_text())["per_gym"]["telepathy"]["failed"] == 2
+    assert "Bearer ***" in (out / "episodes.jsonl").read_text()  # the error quoted the key; the file hides it
+    refused = subprocess.run([sys.executable, "eval.py", "--agent", "expert", "--agent_api_key", KEY], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "environment variable" in refused.stderr + refused.stdout
+    assert KEY not in refused.stdout + refused.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Interruptions
 
