@@ -637,8 +637,9 @@ class TravelSession:
         bad = [t for t in tokens if not ID_RE.fullmatch(t)]
         if bad or not tokens or len(tokens) > len(ASPECTS):
             shown = f"{bad[0][:30]!r} is not an option id" if bad else "give one option id per aspect"
-            return (f"Error: {shown}. Answer with option ids such as F12 or H3, comma-separated, at most one "
-                    "per aspect."), 0.0, False
+            # The format is described, not exemplified: an example id could be this task's best option.
+            return (f"Error: {shown}. Answer with option ids as the search results list them (a letter and a "
+                    "number), comma-separated, at most one per aspect."), 0.0, False
         lines, reward = [], 0.0
         for oid in tokens:
             aspect = next((a for a in self.aspects.values() if any(o["id"] == oid for o in a["options"])), None)

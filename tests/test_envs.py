@@ -340,6 +340,9 @@ def test_travel_episode_good_and_bad_policy_in_training_and_evaluation_settings(
     assert second.episode_score() == pytest.approx(0.8)  # correct but not the cheapest, in every aspect
     obs, r, done, info = envs.make_env("travel", TRAVEL).step("[answer] the cheap hotel")
     assert "not an option id" in obs and r == 0 and not done
+    for task in envs.load_tasks("travel", "test"):  # the error names no concrete id: it could be the answer
+        obs = envs.make_env("travel", task).step("[answer] the cheap hotel")[0]
+        assert not [i for i in task["best_ids"] if i.lower() in obs.lower()]
 
 
 def test_tau_episode_pays_the_tau_reward_at_every_kind_of_end():
