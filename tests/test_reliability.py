@@ -293,9 +293,9 @@ def status_kb(field: str) -> int:
 
 
 def test_a_long_run_keeps_memory_and_open_files_flat_and_only_appends_its_logs(tmp_path, monkeypatch):
-    """50 short steps (a checkpoint every 5, 2 kept): from step 20 to step 50 the resident memory (VmRSS) grows by
-    less than 16 MB, and from step 10 on the open file descriptors do not grow; after every step metrics.jsonl and
-    transcripts.jsonl are the same files (inode) with the earlier bytes as their prefix."""
+    """50 short steps (a checkpoint every 5, 2 kept): the peak resident memory (VmRSS) of steps 31-50 is less than
+    16 MB above that of steps 11-30, and from step 10 on the open file descriptors do not grow; after every step
+    metrics.jsonl and transcripts.jsonl are the same files (inode) with the earlier bytes as their prefix."""
     seen, real = [], train.step
 
     def watched(t, n):
@@ -316,6 +316,8 @@ def test_a_long_run_keeps_memory_and_open_files_flat_and_only_appends_its_logs(t
             assert after[name][0] == inode and after[name][1].startswith(data) and len(after[name][1]) > len(data)
     rss = [kb for kb, _, _ in seen]
     fds = [n for _, n, _ in seen]
-    assert rss[-1] - rss[19] < 16 * 1024, rss  # measured: +5 MB (+16 MB from step 10, as the allocator settles)
+    # RSS is a sawtooth (the rollout's cache and the update's buffers come and go: 440-555 MB here), so compare the
+    # peaks of two windows of 20 steps: a leak raises the second (measured: -1 MB)
+    assert max(rss[30:]) - max(rss[10:30]) < 16 * 1024, rss
     assert max(fds[9:]) <= fds[9], fds
     assert [untimed(m)["step"] for m in read_metrics(tmp_path)] == list(range(1, 51))
