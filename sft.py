@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -254,26 +253,11 @@ def mean_loss(model, examples: list, pad_id: int, device, micro_batch_size: int 
 # The loop
 
 
-@dataclass
-class SFTSettings:
-    steps: int = -1
-    """optimizer steps; -1 = as many as `epochs` passes over the data take"""
-    epochs: float = 3.0
-    """passes over the data when steps is -1 (the original: 3)"""
-    lr: float = 1e-5
-    """peak learning rate (the original: 1e-5, cosine)"""
-    warmup: float = 0.1
-    """fraction of the steps spent warming up linearly (the original: 0.1)"""
-    batch_size: int = 64
-    """conversations per optimizer step, over all ranks (the original: 64)"""
-    micro_batch_size: int = 8
-    """conversations per forward/backward on one rank (gradient accumulation up to batch_size)"""
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-
-
-def total_steps(n_examples: int, s: SFTSettings) -> int:
-    return s.steps if s.steps >= 0 else max(1, math.ceil(s.epochs * math.ceil(n_examples / s.batch_size)))
+def total_steps(n_examples: int, cfg) -> int:
+    """The run's SFT steps: cfg.sft_steps, or (-1) as many as cfg.sft_epochs passes over the data take."""
+    if cfg.sft_steps >= 0:
+        return cfg.sft_steps
+    return max(1, math.ceil(cfg.sft_epochs * math.ceil(n_examples / cfg.sft_batch_size)))
 
 
 def batches_forever(lengths: list[int], batch_size: int, seed: int):
@@ -283,9 +267,10 @@ def batches_forever(lengths: list[int], batch_size: int, seed: int):
         yield from length_batches(lengths, batch_size, rng)
 
 
-def train_sft(model, optimizer, examples: list, s: SFTSettings, pad_id: int, seed: int = 0, start: int = 0,
-              on_step=None, chunk_mb: float = 0, bf16: bool = False) -> list[float]:
+def train_sft(model, optimizer, examples: list, cfg, pad_id: int, start: int = 0, on_step=None,
+              bf16: bool = False) -> list[float]:
     """SFT optimizer steps `start`..total on `examples` [(ids, loss_mask)]; returns each step's mean token loss.
+    `cfg` is the run's train.Config: its sft_* fields, micro_batch_size, grad_clip, seed and loss.chunk_mb.
 
     Every rank draws the same batch and trains on its share (every world-th conversation); each token's loss is
     divided by the batch's token count over ALL ranks, and the gradients are summed over micro-batches and ranks
@@ -293,9 +278,9 @@ def train_sft(model, optimizer, examples: list, s: SFTSettings, pad_id: int, see
     stats)` runs after each optimizer step (logging, checkpoints)."""
     rank, world = distributed.rank(), len(distributed.gather(None))
     device = next(model.parameters()).device
-    total = total_steps(len(examples), s)
+    total = total_steps(len(examples), cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    batches = batches_forever([len(x) for x, _ in examples], s.batch_size, seed)
+    batches = batches_forever([len(x) for x, _ in examples], cfg.sft_batch_size, cfg.seed)
     for _ in range(start):  # a resumed run draws the batches it would have drawn
         next(batches)
     model.train()
@@ -305,27 +290,27 @@ def train_sft(model, optimizer, examples: list, s: SFTSettings, pad_id: int, see
         n_tok = sum(sum(examples[i][1][1:]) for i in batch)
         mine = [examples[i] for i in batch[rank::world]]
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, total, s.lr, s.warmup)
+            g["lr"] = lr_at(step, total, cfg.sft_lr, cfg.sft_warmup)
         loss_sum = 0.0
-        slices = distributed.micro_slices(len(mine), s.micro_batch_size, model)
+        slices = distributed.micro_slices(len(mine), cfg.micro_batch_size, model)
         for sl in slices:
             part = mine[sl] or [([pad_id, pad_id], [0, 0])]  # FSDP: a rank out of data still joins the forward
             ids, attn, lmask = pad_batch(part, pad_id, device)
-            loss = sft_loss_sum(model, ids, attn, lmask, chunk_mb, bf16) / max(n_tok, 1)
+            loss = sft_loss_sum(model, ids, attn, lmask, cfg.loss.chunk_mb, bf16) / max(n_tok, 1)
             loss.backward()
             loss_sum += loss.item()
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         distributed.reduce_gradients(model, params)
-        norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, s.grad_clip)))
+        norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum = distributed.all_reduce_sums({"loss": loss_sum})["loss"]
         losses.append(loss_sum)
         if on_step is not None:
             on_step(step + 1, {"sft_loss": loss_sum, "grad_norm": norm, "lr": optimizer.param_groups[0]["lr"],
-                               "tokens": n_tok, "epoch": (step + 1) * s.batch_size / len(examples)})
+                               "tokens": n_tok, "epoch": (step + 1) * cfg.sft_batch_size / len(examples)})
     return losses
 
 
@@ -384,10 +369,7 @@ def run(cfg, run_dir: Path, tasks, ranks, user_url: str | None, at: dict):
     if not examples:
         raise SFTDataError(f"no SFT example left ({cfg.sft_data or 'expert episodes'}: {dropped} longer than "
                            f"--sft_max_tokens {cfg.sft_max_tokens}, the rest failed or scored below --sft_min_score)")
-    s = SFTSettings(steps=cfg.sft_steps, epochs=cfg.sft_epochs, lr=cfg.sft_lr, warmup=cfg.sft_warmup,
-                    batch_size=cfg.sft_batch_size, micro_batch_size=cfg.micro_batch_size,
-                    weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
-    at["steps"] = total = total_steps(len(examples), s)
+    at["steps"] = total = total_steps(len(examples), cfg)
     user_cfg = dataclasses.replace(cfg.user, base_url=user_url) if user_url else cfg.user
     user = users.from_config(user_cfg) if cfg.eval_every else None
     if rank == 0:
@@ -395,7 +377,7 @@ def run(cfg, run_dir: Path, tasks, ranks, user_url: str | None, at: dict):
         checkpoints.start_run(run_dir, config, start if cfg.resume else None)
         n_tok = sum(len(x) for x, _ in examples)
         print(f"run folder {run_dir} | SFT of {cfg.model} | {len(examples)} conversations ({n_tok:,} tokens; "
-              f"{dropped} over {cfg.sft_max_tokens} left out) | {total} steps of {s.batch_size} | {world} rank(s)",
+              f"{dropped} over {cfg.sft_max_tokens} left out) | {total} steps of {cfg.sft_batch_size} | {world} rank(s)",
               flush=True)
 
     def on_step(n: int, stats: dict):
@@ -420,8 +402,7 @@ def run(cfg, run_dir: Path, tasks, ranks, user_url: str | None, at: dict):
             checkpoints.save_checkpoint(run_dir, n, model, optimizer, {}, rank, cfg.keep_last)
 
     at["step"] = start
-    train_sft(model, optimizer, examples, s, tokenizer.pad_token_id, seed=cfg.seed, start=start, on_step=on_step,
-              chunk_mb=cfg.loss.chunk_mb, bf16=bf16)
+    train_sft(model, optimizer, examples, cfg, tokenizer.pad_token_id, start=start, on_step=on_step, bf16=bf16)
     if start < total or not (run_dir / "final").exists():  # RUN/final: the next stage's --model
         if plain is not model:
             refresh_rollout_copy(plain, model)

@@ -22,10 +22,10 @@ episodes/s), `slot_utilization` and `syncs_per_token` (engine) head it.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import sys
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -81,20 +81,27 @@ class Countdown(torch.nn.Module):
 
     def __init__(self, model, eos: int, shortest: int, longest: int, base: int = 1000):
         super().__init__()
-        self.model, self.eos, self.shortest, self.longest, self.base = model, eos, shortest, longest, base
+        self.model, self.eos, self.base = model, eos, base
         self.config, self.generation_config = model.config, model.generation_config
+        self.set_lengths(shortest, longest)
+
+    def set_lengths(self, shortest: int, longest: int):
+        self.longest = longest
+        vocab = torch.arange(self.config.vocab_size)
+        start = (vocab >= self.base + shortest - 1) & (vocab <= self.base + longest - 1)
+        self.start_row = torch.where(start, 0.0, -1e4)  # a turn's first token: any countdown length
 
     def forward(self, input_ids, cache=None, **kwargs):
+        # The replacement costs both schedules the same per step, so it is kept to a few ops (it is not what is timed).
         out = self.model(input_ids=input_ids, cache=cache, **kwargs)
         if out.logits.shape[1] == 0:  # a prefill: no logits asked for
             return out
-        left = input_ids[:, -1] - self.base
-        counting = (left >= 1) & (left < self.longest)
-        vocab = torch.arange(out.logits.shape[-1], device=input_ids.device)
-        start = (vocab >= self.base + self.shortest - 1) & (vocab <= self.base + self.longest - 1)
-        forced = torch.where(left >= 2, input_ids[:, -1] - 1, self.eos)
-        allowed = torch.where(counting[:, None], vocab == forced[:, None], start)
-        out.logits[:, -1] = torch.where(allowed, 0.0, -1e4) + 0 * out.logits[:, -1]
+        last = input_ids[:, -1]
+        counting = ((last - self.base >= 1) & (last - self.base < self.longest))[:, None]
+        forced = torch.where(last - self.base >= 2, last - 1, self.eos)[:, None]
+        start_row = self.start_row.to(out.logits.device)
+        logits = torch.where(counting, -1e4, start_row)  # counting rows: every token barred, then the forced one set
+        out.logits[:, -1] = logits.scatter_(1, forced, torch.where(counting, 0.0, start_row[forced]))
         return out
 
 
@@ -119,6 +126,14 @@ class SlowUser(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the default backlog of 5 drops simultaneous connects, which retry after 1 s
+
+
+def serve(port_queue):
+    """The user's own process, as a real user endpoint is: its request handling must not take the rollout's GIL."""
+    random.seed(0)
+    server = Server(("127.0.0.1", 0), SlowUser)
+    port_queue.put(server.server_port)
+    server.serve_forever()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,7 +172,7 @@ def mixed(name, model, tok, user, n_tasks, group, turns, longest, longer=None, r
                 rows[s] = run
     assert rows["engine"].pop("ids") == rows["lockstep"].pop("ids")  # the very same episodes
     if longer:
-        policy.longest = longer
+        policy.set_lengths(8, longer)
         for s in ("lockstep", "engine"):
             long_run = run_schedule(policy, tok, user, max(1, n_tasks // 2), group, turns, longer, s)
             rows[s]["long_copied_bytes_per_token"] = long_run["copied_bytes_per_token"]
@@ -246,12 +261,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes, under a minute on 2 CPU cores")
     args = p.parse_args()
+    port = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve, args=(port,), daemon=True)
+    server.start()  # before torch starts its threads: a fork copies none of them
     model, tok = train.load_model("tiny")
     print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
           f"the models run on CPU in fp32; load average at start {os.getloadavg()[0]:.1f} (other work skews timings)")
-    server = Server(("127.0.0.1", 0), SlowUser)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    user = users.make_user("http", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="user",
+    user = users.make_user("http", base_url=f"http://127.0.0.1:{port.get(timeout=60)}/v1", model="user",
                           max_concurrency=64)
     q = args.quick
     big_layers = 2 if q else 24
@@ -267,7 +283,7 @@ def main():
         result["qwen2.5-0.5b-shape_mixed"] = mixed(big_name, big, tok, user, 1 if q else 2, 2 if q else 4,
                                                    2 if q else 4, 16 if q else 64)
     finally:
-        server.shutdown()
+        server.terminate()
     cfg = rollout.RolloutConfig(max_turns=4 if q else 8, max_new_tokens=16 if q else 32, end_on_no_tool_call=False,
                                 progress=False)
     result["tiny_vs_naive"] = compare("tiny model against the naive loop", model, tok, 2 if q else 4, 4 if q else 8,

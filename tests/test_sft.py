@@ -10,6 +10,7 @@ import eval as ev
 import models
 import rollout
 import sft
+import train
 from rollout import RolloutConfig
 
 EVAL = RolloutConfig(greedy=True, show_reward=False, eval_mode=True, progress=False)
@@ -104,9 +105,9 @@ def test_sft_lowers_the_loss_on_its_data(tiny):
                                                  expert_episodes(["telepathy", "function"], n=3)], 4096)
     assert dropped == 0 and len(examples) == 6
     before = sft.mean_loss(model, examples, tok.pad_token_id, "cpu")
-    s = sft.SFTSettings(steps=12, lr=1e-2, warmup=0.1, batch_size=3, micro_batch_size=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
-    losses = sft.train_sft(model, optimizer, examples, s, tok.pad_token_id)
+    cfg = train.Config(sft_steps=12, sft_lr=1e-2, sft_warmup=0.1, sft_batch_size=3, micro_batch_size=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    losses = sft.train_sft(model, optimizer, examples, cfg, tok.pad_token_id)
     after = sft.mean_loss(model, examples, tok.pad_token_id, "cpu")
     assert len(losses) == 12
     assert after < 0.6 * before, (before, after)
