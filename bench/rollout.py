@@ -1,15 +1,15 @@
 """Benchmark: rollout.py's two schedules (the engine and lockstep) on a mixed multi-turn workload with a slow user,
 and rollout.py against the naive loop (one episode at a time, `model.generate` on the re-encoded history).
 
-    python bench/rollout.py            # tiny model and Qwen2.5-0.5B's shape, about 20 minutes on 2 CPU cores
+    python bench/rollout.py            # tiny model and Qwen2.5-0.5B's shape, about 21 minutes on 2 CPU cores
     python bench/rollout.py --quick    # small shapes, under a minute
 
 (1) The mixed workload: 32 episodes (4 tasks x group 8), 8 turns, each turn's length drawn per episode and turn
-between 8 and 256 tokens, a loopback user that answers every turn in 200 ms +- 50%. A random model would almost
-never end a turn, so its logits are replaced (its compute is not, nor the rollout's sampling): a turn's first
-token is drawn uniformly among 249 "countdown" tokens, each standing for how many tokens are left; each countdown
-token forces the next one down, and the last forces the end-of-turn token. The draw is the rollout's own seeded
-sampling, so both schedules generate the very same episodes. Per schedule: episodes/s, slot utilisation (real
+between 8 and 256 tokens, a loopback user (its own process) that answers every turn in 200 ms +- 50%. A random model
+would almost never end a turn, so its logits are replaced (its compute is not, nor the rollout's sampling): a turn's
+first token is drawn uniformly among 249 "countdown" tokens, each standing for how many tokens are left; each
+countdown token forces the next one down, and the last forces the end-of-turn token. The draw is the rollout's own
+seeded sampling, so both schedules generate the very same episodes. Per schedule: episodes/s, slot utilisation (real
 tokens / positions computed, holes and padding included), host syncs per decoded token (device-to-host reads the
 host waits for, counted: on CPU nothing waits, on a GPU each one idles it), bytes of KV cache copied per decoded
 token, measured again at twice the context (turns of 8-512 tokens), and the fraction of wall time in which no row
