@@ -22,7 +22,7 @@ What is an estimate: activation bytes per token are itemised from transformers' 
 memory-efficient attention (see layer_activation_bytes); "one layer recomputed" counts its gradients as the
 same size again; the CUDA context and NCCL buffers are a flat 1 GB. Everything else is exact arithmetic on the
 shapes. The KV cache is the engine's, allocated once per
-rollout (rollout.KVCache, nothing copied as it fills); the training forward keeps only the last hidden state.
+rollout (engine.KVCache, nothing copied as it fills); the training forward keeps only the last hidden state.
 GB here are GiB (2^30 bytes). The last line printed is one JSON object with peak_gb per phase.
 """
 import argparse

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import engine
 import envs
 import rollout
 import users
@@ -318,7 +319,7 @@ def test_engine_admits_waiting_episodes_into_freed_rows(tiny, toy):
     assert all(env.times[0] > first_free for env in toy[2:])  # admitted mid-rollout, into rows others had left
     assert_logprobs_exact(policy, eps)
     # Each group's second episode copied its sibling's prompt from the cache; nothing else was ever copied.
-    bpt = rollout.kv_bytes_per_token(model.config, torch.float32)
+    bpt = engine.kv_bytes_per_token(model.config, torch.float32)
     assert stats["cache_bytes_copied"] <= sum(eps[2 * g].info["prompt_tokens"] - 1 for g in range(3)) * bpt
     # Allocated once: 2 rows (plus a scratch row) x (longest prompt + the episode budget, plus a scratch column).
     assert stats["cache_bytes"] == 3 * (max(ep.info["prompt_tokens"] for ep in eps) + 8192 + 1) * bpt
@@ -402,16 +403,16 @@ def test_engine_counts_syncs_utilisation_and_copies(tiny, toy):
         eps = rollout.rollout(policy, tok, [("toy", task(j, turns=3)) for j in range(3)], 3,
                               cfg(schedule=schedule, sync_every=8), stats=stats)
         runs[schedule] = stats
-    engine, lockstep = runs["engine"], runs["lockstep"]
-    bpt = rollout.kv_bytes_per_token(model.config, torch.float32)
+    eng, lockstep = runs["engine"], runs["lockstep"]
+    bpt = engine.kv_bytes_per_token(model.config, torch.float32)
     # One read back per chunk of up to 8 steps over all decoding rows; lockstep waits at least twice a step.
-    assert engine["host_syncs"] <= engine["decode_steps"] / 4 and engine["host_syncs"] < engine["tokens_generated"] / 8
+    assert eng["host_syncs"] <= eng["decode_steps"] / 4 and eng["host_syncs"] < eng["tokens_generated"] / 8
     assert lockstep["host_syncs"] >= 3 * lockstep["decode_steps"]
     # The engine copies only prompts (two siblings per group), lockstep its whole cache at every step.
-    assert engine["cache_bytes_copied"] == 2 * sum(eps[3 * g].info["prompt_tokens"] - 1 for g in range(3)) * bpt
-    assert lockstep["cache_bytes_copied"] > 10 * engine["cache_bytes_copied"]
-    assert engine["slot_utilization"] > 0.9 > lockstep["slot_utilization"]
-    assert engine["tokens_fed"] <= engine["slots_fed"]
+    assert eng["cache_bytes_copied"] == 2 * sum(eps[3 * g].info["prompt_tokens"] - 1 for g in range(3)) * bpt
+    assert lockstep["cache_bytes_copied"] > 10 * eng["cache_bytes_copied"]
+    assert eng["slot_utilization"] > 0.9 > lockstep["slot_utilization"]
+    assert eng["tokens_fed"] <= eng["slots_fed"]
 
 
 def test_engine_fixed_shapes_for_compilation_change_nothing(tiny, toy, monkeypatch):
@@ -493,12 +494,12 @@ def test_engine_refuses_sliding_window_attention(tiny, toy):
 def test_sample_tokens_top_p_and_greedy():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     torch.manual_seed(0)
-    tokens, lp = rollout.sample_tokens(logits.expand(2000, 4), top_p=0.7)
+    tokens, lp = engine.sample_tokens(logits.expand(2000, 4), top_p=0.7)
     assert set(tokens.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: the nucleus is the two most likely
     assert torch.allclose(lp, torch.log(torch.tensor([0.5, 0.3]))[tokens])  # log-prob before top-p
-    tokens, lp = rollout.sample_tokens(logits, temperature=0.5, greedy=True)
+    tokens, lp = engine.sample_tokens(logits, temperature=0.5, greedy=True)
     assert tokens.tolist() == [0] and torch.allclose(lp, torch.log(torch.tensor([0.5])))
-    tokens, lp = rollout.sample_tokens(logits.expand(4000, 4), temperature=0.5)
+    tokens, lp = engine.sample_tokens(logits.expand(4000, 4), temperature=0.5)
     tempered = torch.softmax(logits[0] / 0.5, -1)
     assert torch.allclose(lp, tempered.log()[tokens])
     assert abs((tokens == 0).float().mean().item() - tempered[0].item()) < 0.03
@@ -508,13 +509,13 @@ def test_token_noise_samples_the_distribution_and_depends_only_on_its_keys():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
     seeds = torch.randint(0, 1 << 62, (4000,))
     positions = torch.randint(0, 8192, (4000,))
-    noise = rollout.token_noise(seeds, positions, 4)
-    assert torch.equal(noise, rollout.token_noise(seeds, positions, 4)) and (noise > 0).all()
-    assert not torch.equal(noise, rollout.token_noise(seeds, positions + 1, 4))
-    tokens, _ = rollout.sample_tokens(logits, noise=noise)
+    noise = engine.token_noise(seeds, positions, 4)
+    assert torch.equal(noise, engine.token_noise(seeds, positions, 4)) and (noise > 0).all()
+    assert not torch.equal(noise, engine.token_noise(seeds, positions + 1, 4))
+    tokens, _ = engine.sample_tokens(logits, noise=noise)
     assert torch.allclose(torch.bincount(tokens, minlength=4) / 4000., torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
     # One episode's tokens at consecutive positions are independent draws too.
-    tokens, _ = rollout.sample_tokens(logits, noise=rollout.token_noise(seeds[:1].expand(4000), torch.arange(4000), 4))
+    tokens, _ = engine.sample_tokens(logits, noise=engine.token_noise(seeds[:1].expand(4000), torch.arange(4000), 4))
     assert torch.allclose(torch.bincount(tokens, minlength=4) / 4000., torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
     pairs = (tokens[:-1] == 0) & (tokens[1:] == 0)
     assert abs(pairs.float().mean().item() - 0.25) < 0.03
