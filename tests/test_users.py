@@ -82,10 +82,10 @@ class Server:
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                 try:
                     outer.release.wait(outer.hold if outer.mode != "stall" else 10)
-                    outer.respond(self, body, n)
-                finally:
+                finally:  # out of flight before the reply is written: the client may send its next request on it
                     with outer.lock:
                         outer.in_flight -= 1
+                outer.respond(self, body, n)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
