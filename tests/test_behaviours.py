@@ -174,7 +174,8 @@ class ChatEnv(envs.Env):
         return "ok " * 5, 0.5, False, {}
 
 
-def test_the_episode_budget_ends_an_episode_exactly_at_its_boundary(tiny, monkeypatch):
+@pytest.mark.parametrize("schedule", ["engine", "lockstep"])  # each schedule applies the budget in its own loop
+def test_the_episode_budget_ends_an_episode_exactly_at_its_boundary(tiny, monkeypatch, schedule):
     """max_episode_tokens counts every token after the prompt. Greedy, so each run makes the same tokens up to its
     cut: a turn that reaches the budget ends the episode there (no closing eos, reward 0); an observation that
     leaves no room for one more token ends it before it is appended; one token of room is one more sampled token."""
@@ -185,7 +186,7 @@ def test_the_episode_budget_ends_an_episode_exactly_at_its_boundary(tiny, monkey
     def play(budget):
         return rollout.rollout(model, tok, [("chat", {"id": "c"})], 1, rollout.RolloutConfig(
             max_turns=8, max_new_tokens=cap, max_episode_tokens=budget, greedy=True, end_on_no_tool_call=False,
-            progress=False))[0]
+            progress=False, schedule=schedule))[0]
 
     ref = play(10_000)
     p = ref.info["prompt_tokens"]
