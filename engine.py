@@ -259,9 +259,9 @@ class Engine:
             block, pad, width = slice(0, self.scratch + 1), _bucket(n) - n, min(self.columns, _bucket(max(pos) + steps))
         else:
             block, pad, width = slice(min(rows), max(rows) + 1), 0, min(self.columns, max(pos) + steps)
-        places = _to(dev, [r - block.start for r in rows] + [self.scratch] * pad)
-        if not self.cfg.compile and n == block.stop - block.start:  # the rows are the whole block (rows come sorted)
-            places = None
+        places = None  # the rows are the whole block (rows come sorted)
+        if self.cfg.compile or n < block.stop - block.start:
+            places = _to(dev, [r - block.start for r in rows] + [self.scratch] * pad)
         inp, pos_t, limit, seeds = (_to(dev, x + [0] * pad) for x in (first, pos, limits, seeds))
         active = torch.arange(n + pad, device=dev) < n
         count = torch.zeros_like(limit)

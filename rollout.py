@@ -253,13 +253,10 @@ def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, count
                 ep = episodes[i]
                 obs = _record_step(ep, fut.result() if fut.done() else _timeout(cfg.env_timeout), cfg)
                 piece = None if obs is None else observation_ids(tokenizer, wrapper, obs)
-                if piece is not None and len(ep.ids) + len(piece) - ep.info["prompt_tokens"] >= cfg.max_episode_tokens:
-                    ep.info["end_reason"], piece = "budget", None  # no room left to generate even one token after it
-                if piece is None:
-                    finish(i)
-                else:
-                    _append(ep, piece, 0)
+                if piece is not None and _append_observation(ep, piece, cfg):
                     starts.append((i, unfed.pop(i) + piece))
+                else:
+                    finish(i)
 
             # A turn's pending tokens are prefilled but the last, which its first decode step feeds.
             fills += [(row[i], pending[:-1], cached[i]) for i, pending in starts]
@@ -268,10 +265,8 @@ def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, count
                 engine.cache.copy_prefix(src, dst, n)
             counts["tokens_prefill"] += sum(len(tokens) for _, tokens, _ in fills)
             for i, pending in starts:
-                ep = episodes[i]
                 cached[i] += len(pending) - 1
-                left = cfg.max_episode_tokens - (len(ep.ids) - ep.info["prompt_tokens"])
-                turn[i] = {"next": pending[-1], "limit": min(cfg.max_new_tokens, left), "gen": [], "lps": []}
+                turn[i] = {"next": pending[-1], "limit": _turn_limit(episodes[i], cfg), "gen": [], "lps": []}
 
             waited = 0.0
             if turn:  # decode a chunk; rows whose turn ended go to their envs
@@ -324,8 +319,7 @@ def _decode(batch: LockstepBatch, first: list, live: list, cfg: RolloutConfig, s
     row stops (a stop token, max_new_tokens, or the episode budget). Returns sampled tokens [B, S], their
     log-probs [B, S] and each row's count; rows that stopped feed masked holes until the longest is done."""
     device = batch.device
-    limits = torch.tensor([min(cfg.max_new_tokens, cfg.max_episode_tokens - (len(ep.ids) - ep.info["prompt_tokens"]))
-                           for ep in live], device=device)
+    limits = torch.tensor([_turn_limit(ep, cfg) for ep in live], device=device)
     stop_t = torch.tensor(sorted(stop_ids), device=device)
     inp = torch.tensor(first, dtype=torch.long, device=device)
     active = torch.ones(len(live), dtype=torch.bool, device=device)
@@ -388,15 +382,9 @@ def _rollout_lockstep(model, tokenizer, episodes, env_list, live, cfg, pool, cou
 
         t0 = time.perf_counter()
         for i, obs in zip(stepped, observations):
-            ep = episodes[i]
-            if obs is None:
-                continue
-            piece = observation_ids(tokenizer, wrapper, obs)
-            if len(ep.ids) + len(piece) - ep.info["prompt_tokens"] >= cfg.max_episode_tokens:
-                ep.info["end_reason"] = "budget"  # no room left to generate even one token after it
-                continue
-            _append(ep, piece, 0)
-            pending[i] = pending[i] + piece
+            piece = None if obs is None else observation_ids(tokenizer, wrapper, obs)
+            if piece is not None and _append_observation(episodes[i], piece, cfg):
+                pending[i] = pending[i] + piece
         survivors = [r for r, i in enumerate(live) if "end_reason" not in episodes[i].info]
         bar.update(len(live) - len(survivors))
         live = [live[r] for r in survivors]
@@ -486,7 +474,7 @@ def _close_turn(ep: Episode, gen: list, logprobs: list, eos: int, stop_ids: set,
     start = len(ep.ids)
     _append(ep, gen, 1, logprobs)
     unfed = gen[-1:]  # the last sampled token was never fed back
-    ended = gen[-1] != eos and len(ep.ids) - ep.info["prompt_tokens"] >= cfg.max_episode_tokens
+    ended = gen[-1] != eos and _used(ep) >= cfg.max_episode_tokens
     if not ended and gen[-1] != eos:
         _append(ep, [eos], 0)
         unfed.append(eos)
@@ -499,6 +487,26 @@ def _close_turn(ep: Episode, gen: list, logprobs: list, eos: int, stop_ids: set,
         ep.info["turns"] += 1
         ep.info["end_reason"] = "budget"
     return unfed
+
+
+def _used(ep: Episode) -> int:
+    """Tokens of the episode budget spent: every token after the prompt, env/user tokens included."""
+    return len(ep.ids) - ep.info["prompt_tokens"]
+
+
+def _turn_limit(ep: Episode, cfg) -> int:
+    """How many tokens the next turn may sample: max_new_tokens, or what is left of the episode budget."""
+    return min(cfg.max_new_tokens, cfg.max_episode_tokens - _used(ep))
+
+
+def _append_observation(ep: Episode, piece: list, cfg) -> bool:
+    """Append an observation's tokens (loss_mask 0) if room for one more sampled token is left after them; else
+    end the episode (end_reason "budget") without them. Returns whether the episode goes on."""
+    if _used(ep) + len(piece) >= cfg.max_episode_tokens:
+        ep.info["end_reason"] = "budget"
+        return False
+    _append(ep, piece, 0)
+    return True
 
 
 def _as_list(x):
