@@ -16,6 +16,10 @@ cast: buffers such as RoPE's `inv_freq` keep the training model's dtype and valu
 round inv_freq too, and at Qwen3's geometry (head_dim 128, theta 1e6) the rotation angles then drift with the
 position (cos off by 1.6 at position 2,000), so the tokens would be sampled from another model than the one
 trained (tests/test_models.py measures it).
+
+The training forward's inputs and outputs, shared by GRPO (train.py) and SFT (sft.py): `pad_batch` right-pads
+token sequences with their loss masks, `hidden_states` runs the model and returns only its final hidden states
+(the vocab projection is grpo.py's fused log-prob, on loss positions only), `head_weight` is that projection.
 """
 import copy
 import functools
@@ -239,3 +243,42 @@ def refresh_rollout_copy(rollout_model, model):
             raise ValueError(f"refresh_rollout_copy: the rollout copy has no parameter {name!r} of shape "
                              f"{tuple(p.shape)} (is it a copy of this model?)")
         dst[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training forward (GRPO and SFT)
+
+
+def pad_batch(examples: list, pad_id: int, device):
+    """ids [B, T] right-padded, attention mask [B, T], and the loss mask of next-token targets [B, T-1], from
+    `examples` [(ids, loss_mask)]. The attention mask and the loss mask are separate tensors on purpose."""
+    T = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)
+    lmask = torch.zeros((len(examples), T), dtype=torch.bool)
+    for i, (x, m) in enumerate(examples):
+        ids[i, :len(x)] = torch.tensor(x)
+        attn[i, :len(x)] = 1
+        lmask[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids.to(device), attn.to(device), lmask[:, 1:].to(device)
+
+
+def hidden_states(model, ids, attn, bf16: bool):
+    """Final (normed) hidden states of every position. The model's own forward is called, so FSDP gathers
+    its shards, but only one position's logits are computed: the vocab projection happens in grpo.py, on
+    loss positions only. The output is caught by a hook on the decoder's final norm rather than asked for
+    with `output_hidden_states`, which would keep every layer's output alive (layers + 1 tensors of
+    [rows, T, hidden]: 3.3 GB at Qwen3-4B in the no-grad pass, where nothing else needs them)."""
+    caught = []
+    hook = model.get_decoder().norm.register_forward_hook(lambda module, args, out: caught.append(out))
+    try:
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(input_ids=ids, attention_mask=attn, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return caught[0]
+
+
+def head_weight(model):
+    """The vocab projection's weight (the lm_head, or the embedding it is tied to)."""
+    return model.get_output_embeddings().weight

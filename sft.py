@@ -36,6 +36,7 @@ import torch
 import distributed
 import rollout as rollout_lib
 from grpo import chunk_tokens, token_logprobs
+from models import head_weight, hidden_states, pad_batch
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool"}
 
@@ -211,26 +212,11 @@ def lr_at(step: int, total: int, base_lr: float, warmup: float) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def pad_batch(examples: list, pad_id: int, device):
-    """ids [B, T] right-padded, attention mask [B, T], and the loss mask of next-token targets [B, T-1]."""
-    T = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), T), dtype=torch.long)
-    lmask = torch.zeros((len(examples), T), dtype=torch.bool)
-    for i, (x, m) in enumerate(examples):
-        ids[i, :len(x)] = torch.tensor(x)
-        attn[i, :len(x)] = 1
-        lmask[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
-    return ids.to(device), attn.to(device), lmask[:, 1:].to(device)
-
-
 def sft_loss_sum(model, ids, attn, lmask, chunk_mb: float = 0, bf16: bool = False) -> torch.Tensor:
     """The summed negative log-likelihood of the loss-mask targets. Only the final hidden states of those
     positions reach the vocab projection (grpo.token_logprobs, chunked): SFT uses the same fused log-prob as GRPO."""
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    h = out.hidden_states[-1][:, :-1][lmask]
-    w = model.get_output_embeddings().weight
+    h = hidden_states(model, ids, attn, bf16)[:, :-1][lmask]
+    w = head_weight(model)
     logp = token_logprobs(h, w, ids[:, 1:][lmask], chunk_size=chunk_tokens(w.shape[0], chunk_mb, ids.device))
     return -logp.sum()
 

@@ -63,7 +63,7 @@ import sft
 import users
 from config import ConfigError, DataError, Tasks, apply_args, check_before_work, load_tasks, plan_ranks, split_names
 from grpo import STATS, LossConfig, chunk_tokens, grpo_loss, loss_weights, naive_grpo_loss, token_logprobs
-from models import load_model, refresh_rollout_copy, rollout_copy
+from models import head_weight, hidden_states, load_model, pad_batch, refresh_rollout_copy, rollout_copy
 from rollout import RolloutConfig, rollout
 from users import UserConfig, failure_reason
 
@@ -532,7 +532,7 @@ def recompute_logprobs(model, batch: Batch, cfg: Config) -> tuple[list, list]:
         if sl.start == sl.stop:
             dummy_hidden(model, batch.pad_id, bf16)
             continue
-        ids, attn, sel = pack(batch.episodes[sl], batch.pad_id, device)
+        ids, attn, sel = pad_batch([(e.ids, e.loss_mask) for e in batch.episodes[sl]], batch.pad_id, device)
         h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
         w = head_weight(model)
         lp, ent = token_logprobs(h, w, ids[:, 1:][sel], temperature=cfg.loss.temperature,
@@ -592,7 +592,7 @@ def mini_batch_update(model, optimizer, params: list, mb: Batch, totals: dict, c
         if sl.start == sl.stop:
             (dummy_hidden(model, mb.pad_id, bf16).sum() * 0).backward()
             continue
-        ids, attn, sel = pack(mb.episodes[sl], mb.pad_id, device)
+        ids, attn, sel = pad_batch([(e.ids, e.loss_mask) for e in mb.episodes[sl]], mb.pad_id, device)
         h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
         w = loss_weights(lens[sl], cfg.loss.agg, int(totals["tokens"]), int(totals["sequences"]), cfg.loss.norm_len)
         cat = lambda xs: None if xs is None else torch.cat(xs[sl]).to(device)  # noqa: E731
@@ -614,45 +614,10 @@ def mini_batch_update(model, optimizer, params: list, mb: Batch, totals: dict, c
     return sums, norm
 
 
-def pack(episodes, pad_id: int, device):
-    """Right-pad a list of episodes: ids, attention mask, and the (B, T-1) mask of positions whose NEXT token
-    the policy generated. The attention mask and the loss mask are separate tensors on purpose."""
-    T = max(len(e.ids) for e in episodes)
-    ids = torch.full((len(episodes), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(episodes), T), dtype=torch.long)
-    lmask = torch.zeros((len(episodes), T), dtype=torch.bool)
-    for i, e in enumerate(episodes):
-        n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids)
-        attn[i, :n] = 1
-        lmask[i, :n] = torch.tensor(e.loss_mask, dtype=torch.bool)
-    return ids.to(device), attn.to(device), lmask[:, 1:].to(device)
-
-
-def hidden_states(model, ids, attn, bf16: bool):
-    """Final (normed) hidden states of every position. The model's own forward is called, so FSDP gathers
-    its shards, but only one position's logits are computed: the vocab projection happens in grpo.py, on
-    loss positions only. The output is caught by a hook on the decoder's final norm rather than asked for
-    with `output_hidden_states`, which would keep every layer's output alive (layers + 1 tensors of
-    [rows, T, hidden]: 3.3 GB at Qwen3-4B in the no-grad pass, where nothing else needs them)."""
-    caught = []
-    hook = model.get_decoder().norm.register_forward_hook(lambda module, args, out: caught.append(out))
-    try:
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-            model(input_ids=ids, attention_mask=attn, logits_to_keep=1, use_cache=False)
-    finally:
-        hook.remove()
-    return caught[0]
-
-
 def dummy_hidden(model, pad_id: int, bf16: bool):
     """A 2-token forward for a rank with no micro-batch left: under FSDP every rank must take part."""
     ids = torch.full((1, 2), pad_id, device=model_device(model))
     return hidden_states(model, ids, torch.ones_like(ids), bf16)
-
-
-def head_weight(model):
-    return model.get_output_embeddings().weight
 
 
 def model_device(model) -> torch.device:

@@ -224,11 +224,9 @@ def restrict_vocab(model, n: int):
 def training_logprobs(model, ids):
     """The training forward as train.py runs it in bf16 without FSDP: fp32 weights under bf16 autocast, the final
     hidden states, then grpo.token_logprobs (fp32 log-probs) of each next token."""
-    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
-        out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    h = out.hidden_states[-1][0, :-1]
-    w = model.get_output_embeddings().weight
     with torch.no_grad():
+        h = models.hidden_states(model, ids, torch.ones_like(ids), bf16=True)[0, :-1]
+        w = models.head_weight(model)
         return grpo.token_logprobs(h, w.to(h.dtype), ids[0, 1:], chunk_size=grpo.chunk_tokens(w.shape[0], 0, h.device))
 
 

@@ -124,7 +124,7 @@ def _logprobs(model, ids, autocast: bool):
 
 def _late_gap(model, copy_, ids, start=2000):
     """Mean and max |log p| gap at positions >= start: the copy (pure bf16, as rollouts run) against the
-    training forward (fp32 weights under bf16 autocast, as train.hidden_states runs)."""
+    training forward (fp32 weights under bf16 autocast, as models.hidden_states runs)."""
     gap = (_logprobs(copy_, ids, False) - _logprobs(model, ids, True)).abs()[start:]
     return gap.mean().item(), gap.max().item()
 

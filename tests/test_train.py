@@ -258,14 +258,15 @@ def test_the_sampling_temperature_reaches_the_old_logprobs_and_the_loss(tmp_path
 
 
 def test_hidden_states_are_the_final_norms_output_and_carry_gradients():
-    """train.hidden_states catches the decoder's final norm with a hook (so the forward does not keep every
-    layer's output): it must equal the model's own last hidden state, padded rows included, and backprop."""
-    from models import load_model
+    """models.hidden_states (train.py and sft.py call it) catches the decoder's final norm with a hook (so the
+    forward does not keep every layer's output): it must equal the model's own last hidden state, padded rows
+    included, and backprop."""
+    from models import hidden_states, load_model
     model, _ = load_model("tiny", seed=0)
     ids = torch.randint(0, 200, (2, 24))
     attn = torch.ones_like(ids)
     attn[1, 15:] = 0
-    h = train.hidden_states(model, ids, attn, bf16=False)
+    h = hidden_states(model, ids, attn, bf16=False)
     ref = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False).hidden_states[-1]
     assert torch.equal(h, ref)
     h.sum().backward()
