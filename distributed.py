@@ -245,3 +245,18 @@ def reduce_gradients(model, params: list):
         return
     for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
         work.wait()
+
+
+def optimizer_step(model, optimizer, params: list, grad_clip: float) -> float:
+    """The update once every micro-batch's backward has run, the same on every rank: a parameter with no gradient
+    gets zeros (a rank, or a mini-batch, with nothing to train still takes its AdamW step, so the ranks' optimizer
+    states stay alike), gradients are summed over ranks, clipped to `grad_clip` global norm, applied and cleared.
+    Returns the global norm before clipping."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    reduce_gradients(model, params)
+    norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

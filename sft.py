@@ -285,13 +285,7 @@ def train_sft(model, optimizer, examples: list, cfg, pad_id: int, start: int = 0
             loss = sft_loss_sum(model, ids, attn, lmask, cfg.loss.chunk_mb, bf16) / max(n_tok, 1)
             loss.backward()
             loss_sum += loss.item()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        distributed.reduce_gradients(model, params)
-        norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        norm = distributed.optimizer_step(model, optimizer, params, cfg.grad_clip)
         loss_sum = distributed.all_reduce_sums({"loss": loss_sum})["loss"]
         losses.append(loss_sum)
         if on_step is not None:

@@ -604,14 +604,7 @@ def mini_batch_update(model, optimizer, params: list, mb: Batch, totals: dict, c
         sums["loss"] += loss.item()
         for key in STATS:
             sums[key] += float(stats[key]) * n
-    for p in params:  # a rank (or a mini-batch) with nothing to train still takes its AdamW step, on zeros
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    distributed.reduce_gradients(model, params)
-    norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sums, norm
+    return sums, distributed.optimizer_step(model, optimizer, params, cfg.grad_clip)
 
 
 def dummy_hidden(model, pad_id: int, bf16: bool):
