@@ -43,8 +43,11 @@ from config import ConfigError
 from rollout import write_transcripts
 
 LOCK = "train.lock"
-LOGS = {"metrics.jsonl": lambda rec: rec.get("step", 0),  # each log file and where its records keep their step
-        "transcripts.jsonl": lambda rec: rec.get("info", {}).get("step", 0)}
+# Each log file and, for a record, the step of the run it belongs to (given the run's phase, its --algo). A run
+# folder's evals.jsonl may also hold other phases' lines (the recipe's untrained and SFT rows): they are kept.
+LOGS = {"metrics.jsonl": lambda rec, phase: rec.get("step", 0),
+        "transcripts.jsonl": lambda rec, phase: rec.get("info", {}).get("step", 0),
+        "evals.jsonl": lambda rec, phase: rec.get("step", 0) if rec.get("phase") == phase else 0}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,15 +146,16 @@ def start_run(run_dir: Path, config: dict, resumed_at: int | None) -> list[str]:
         with open(run_dir / "resume-log.jsonl", "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": resumed_at,
                                 "changes": changes}) + "\n")
-        truncate_logs(run_dir, resumed_at)
+        truncate_logs(run_dir, resumed_at, config.get("algo"))
     tmp = run_dir / "config.json.tmp"
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, run_dir / "config.json")
     return [f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()]
 
 
-def truncate_logs(run_dir: Path, step: int):
-    """Keep the records of steps <= step in each log (a line torn by a crash goes too)."""
+def truncate_logs(run_dir: Path, step: int, phase: str):
+    """Keep the records of steps <= step in each log (a line torn by a crash goes too); in evals.jsonl, of the
+    evaluations of `phase` (the resumed run's --algo)."""
     for name, step_of in LOGS.items():
         path = run_dir / name
         if not path.exists():
@@ -159,7 +163,7 @@ def truncate_logs(run_dir: Path, step: int):
         kept = []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                if step_of(json.loads(line)) <= step:
+                if step_of(json.loads(line), phase) <= step:
                     kept.append(line + "\n")
             except ValueError:
                 pass

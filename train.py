@@ -776,8 +776,6 @@ def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks, u
     if rank == 0:
         config = dataclasses.asdict(cfg) | {"out_dir": str(run_dir)}
         changes = checkpoints.start_run(run_dir, config, start if cfg.resume else None)
-        if cfg.resume:
-            drop_evals_after(run_dir, "grpo", start)
         n = sum(p.numel() for p in model.parameters())
         print(f"run folder {run_dir} | model {cfg.model} ({n:,} parameters) | {world} rank(s) on {device} | "
               f"gyms {sorted(sampler.pool)} | user {cfg.user.backend}")
@@ -790,15 +788,6 @@ def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks, u
     return Trainer(cfg=cfg, run_dir=run_dir, ranks=ranks, model=model, rollout_model=rollout_model, ref_model=ref_model,
                    tokenizer=tokenizer, optimizer=optimizer, sampler=sampler, test_tasks=tasks.test, user=user,
                    start=start)
-
-
-def drop_evals_after(run_dir: Path, phase: str, step: int):
-    """On resume: RUN/evals.jsonl without the `phase` evaluations of steps after `step` (they are redone)."""
-    path = run_dir / "evals.jsonl"
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines()
-                 if ln.strip() and not (json.loads(ln)["phase"] == phase and json.loads(ln)["step"] > step)]
-        path.write_text("".join(ln + "\n" for ln in lines))
 
 
 class Interrupted(Exception):

@@ -56,12 +56,13 @@ def test_a_used_folder_is_refused_before_work(tmp_path):
 
 def test_sft_alone_on_a_data_file_and_its_resume(tmp_path):
     """`--algo sft --sft_data FILE`: eval.py's episodes.jsonl in, a run folder with RUN/final out; resumed from a
-    checkpoint, it makes the same steps as a run that was never stopped."""
+    checkpoint, it makes the same steps and evaluations as a run that was never stopped."""
     data = tmp_path / "episodes.jsonl"
     _, recs = ev.evaluate("expert", None, ev.select_tasks(["telepathy"], "train", 4), RolloutConfig(progress=False))
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     args = ["--algo", "sft", "--sft_data", str(data), "--sft_steps", "4", "--sft_batch_size", "2", "--sft_lr", "1e-3",
-            "--save_every", "2", "--keep_last", "0"]
+            "--save_every", "2", "--keep_last", "0", "--eval_every", "2", "--eval_gyms", "telepathy", "--eval_tasks",
+            "1"]
     for name in ("a", "b"):
         train.main([*args, "--out_dir", str(tmp_path / name)])
     a, b = tmp_path / "a", tmp_path / "b"
@@ -72,3 +73,5 @@ def test_sft_alone_on_a_data_file_and_its_resume(tmp_path):
     shutil.rmtree(b / "final")
     train.main(["--resume", str(b)])
     assert losses(b) == pytest.approx(losses(a), rel=1e-6)
+    # the evaluation of step 4 is redone, not repeated: RUN/evals.jsonl loses the lines after the checkpoint
+    assert phases(b) == phases(a) == [("sft", 2), ("sft", 4)]

@@ -111,6 +111,19 @@ def test_resume_records_what_the_overrides_change_and_keeps_the_checkpoints_mode
         train.parse_config(["--resume", str(run_dir), "--out_dir", str(tmp_path / "elsewhere")])
 
 
+def test_resume_drops_the_log_lines_after_the_checkpoint_of_its_own_phase_only(tmp_path):
+    """A recipe's run folder: evals.jsonl holds the untrained and SFT rows of earlier phases, then GRPO's. Resuming
+    the GRPO run at step 10 drops GRPO's later evaluation and metrics (they are redone), keeps the other phases'
+    rows whatever their step, and drops a line a crash tore."""
+    rows = [{"phase": "untrained", "step": 0}, {"phase": "sft", "step": 300}, {"phase": "grpo", "step": 10},
+            {"phase": "grpo", "step": 20}]
+    (tmp_path / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": n}) + "\n" for n in (5, 10, 15)) + '{"st')
+    checkpoints.truncate_logs(tmp_path, 10, "grpo")
+    assert [json.loads(ln) for ln in (tmp_path / "evals.jsonl").read_text().splitlines()] == rows[:3]
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+
+
 def test_a_steps_metrics_and_transcripts_are_on_disk_before_its_checkpoint(tmp_path, monkeypatch):
     seen = []
     real = checkpoints.save_checkpoint
