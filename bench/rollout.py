@@ -24,15 +24,14 @@ import argparse
 import json
 import multiprocessing
 import os
-import random
 import sys
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # openai_server, the loopback user
 
 import envs  # noqa: E402
 import rollout  # noqa: E402
@@ -105,35 +104,14 @@ class Countdown(torch.nn.Module):
         return out
 
 
-class SlowUser(BaseHTTPRequestHandler):
-    """An OpenAI-compatible endpoint on loopback that answers in 200 ms +- 50% (uniform 100-300 ms)."""
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        time.sleep(random.uniform(0.1, 0.3))
-        data = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                    "content": "Somewhere warm, and not too far."}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # the default backlog of 5 drops simultaneous connects, which retry after 1 s
-
-
 def serve(port_queue):
-    """The user's own process, as a real user endpoint is: its request handling must not take the rollout's GIL."""
-    random.seed(0)
-    server = Server(("127.0.0.1", 0), SlowUser)
-    port_queue.put(server.server_port)
-    server.serve_forever()
+    """The user: tests/openai_server.py answering every turn in 200 ms +- 50% (uniform 100-300 ms), in its own
+    process, as a real user endpoint is: its request handling must not take the rollout's GIL."""
+    from openai_server import OpenAIServer
+
+    server = OpenAIServer(latency=(0.1, 0.3), reply_fn=lambda body: "Somewhere warm, and not too far.")
+    port_queue.put(server.port)
+    server.thread.join()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ repeatable request by request (not across threads' arrival order). The kinds, ea
   bad_format     HTTP 200, a well-formed reply whose text breaks every role's expected format
 With `echo_auth`, the bodies of 500 and 429 replies quote the request's Authorization header, as some providers'
 error replies quote the key they were sent: a test can then check that the key never reaches a log.
-An "ok" reply comes from `reply_fn(body) -> str` (default: `generic_reply`, text that every simulated-user role
+With `latency` (lo, hi), each reply first waits a time drawn uniformly between lo and hi seconds (a slow model;
+its own seeded generator). An "ok" reply comes from `reply_fn(body) -> str` (default: `generic_reply`, text that every simulated-user role
 of the gyms can parse: a Yes/No/Maybe word first, then one JSON object). With `tools` in the request and no
 `tool_reply`, an ok reply is plain text (an agent that never calls the tool).
 """
@@ -28,6 +29,7 @@ import argparse
 import json
 import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAULTS = ("500", "429", "stall", "drop", "malformed", "empty_choices", "bad_format")
@@ -40,10 +42,15 @@ def generic_reply(body: dict) -> str:
             '"stance": "Strongly Agree", "thought": "nothing new"}')
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default backlog of 5 drops simultaneous connects, which then retry after 1 s
+
+
 class OpenAIServer:
     def __init__(self, port: int = 0, model: str = "fake-user", faults: dict | None = None, seed: int = 0,
                  reply_fn=generic_reply, tool_reply: dict | None = None, retry_after: float = 1.0,
-                 stall_s: float = 30.0, echo_auth: bool = False):
+                 stall_s: float = 30.0, echo_auth: bool = False, latency: tuple | None = None):
         unknown = set(faults or {}) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULTS}")
@@ -51,14 +58,13 @@ class OpenAIServer:
             raise ValueError(f"fault probabilities sum to more than 1: {faults}")
         self.model, self.faults, self.reply_fn, self.tool_reply = model, dict(faults or {}), reply_fn, tool_reply
         self.retry_after, self.stall_s, self.echo_auth = retry_after, stall_s, echo_auth
-        self.rng = random.Random(seed)
+        self.rng, self.latency, self.latency_rng = random.Random(seed), latency, random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {}
         self.bodies = []
         self.in_flight = self.max_in_flight = 0
         self.closing = threading.Event()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer(("127.0.0.1", port), self._handler())
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -109,6 +115,10 @@ class OpenAIServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
+                    if server.latency:
+                        with server.lock:
+                            wait = server.latency_rng.uniform(*server.latency)
+                        time.sleep(wait)
                     self.answer(kind, body)
                 finally:
                     with server.lock:
