@@ -173,8 +173,9 @@ def play(agent, tokenizer, work: list, cfg: RolloutConfig, user=None, batch: int
 
 def evaluate(agent, tokenizer, tasks: list, cfg: RolloutConfig, user=None, passes: int = 1, batch: int = 64,
              seed: int = 0) -> tuple[dict, list]:
-    """(results, records) for `tasks` [(gym, task)] played `passes` times each: the function train.py and the demo
-    call (no files). `cfg` should be the evaluation's RolloutConfig (greedy, eval_mode, no reward shown)."""
+    """(results, records) for `tasks` [(gym, task)] played `passes` times each, in this process and without files
+    (train.py's evaluations deal their tasks over the ranks: evaluate_ranks). `cfg` should be the evaluation's
+    RolloutConfig (greedy, eval_mode, no reward shown)."""
     work = [(g, t, p) for p in range(passes) for g, t in tasks]
     records = play(agent, tokenizer, work, cfg, user=user, batch=batch, seed=seed)
     return summarize(records), records

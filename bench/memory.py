@@ -21,8 +21,8 @@ memory (each rank's CPU copy of the model at start-up) is printed below the tabl
 What is an estimate: activation bytes per token are itemised from transformers' Qwen3 layer with CUDA's
 memory-efficient attention (see layer_activation_bytes); "one layer recomputed" counts its gradients as the
 same size again; the CUDA context and NCCL buffers are a flat 1 GB. Everything else is exact arithmetic on the
-shapes. The KV cache is the engine's, allocated once per
-rollout (engine.KVCache, nothing copied as it fills); the training forward keeps only the last hidden state.
+shapes. The KV cache is the engine's, allocated once per rollout (engine.KVCache, nothing copied as it fills);
+the training forward keeps only the last hidden state (models.hidden_states).
 GB here are GiB (2^30 bytes). The last line printed is one JSON object with peak_gb per phase.
 """
 import argparse
