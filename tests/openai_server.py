@@ -84,6 +84,9 @@ class OpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # TCP_NODELAY, as real servers (uvicorn) set it: the body, written after the headers, would otherwise
+            # wait for the client's delayed ACK of the headers (Nagle's algorithm), 40 ms on Linux loopback
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
