@@ -41,7 +41,8 @@ SCORES = {"sum": score_sum, "r2g": score_r2g}
 
 # ----------------------------------------------------------------------------------------------------------
 # Turn-level credit c_k (one value per agent turn; only its relative size within a trajectory matters
-# under the "userrl" scheme). Signature: fn(turn_rewards, gamma, turn_info=None), turn_info one dict per turn.
+# under the "userrl" scheme). Signature: fn(turn_rewards, gamma, turn_info=None), turn_info one dict per turn
+# (None when the caller has none); train.py refuses a registered credit that takes other arguments.
 
 
 def credit_equalized(turn_rewards: list[float], gamma: float, turn_info: list[dict] | None = None) -> list[float]:
@@ -90,7 +91,7 @@ def turn_credits(turn_rewards: list[float], method: str = "equalized", gamma: fl
                  turn_info: list[dict] | None = None) -> list[float]:
     """c_k for each turn of one trajectory (turn_info, the env's info per turn, is passed on when given)."""
     fn = _lookup(CREDITS, "turn credit", method)
-    return fn(list(turn_rewards), gamma) if turn_info is None else fn(list(turn_rewards), gamma, list(turn_info))
+    return fn(list(turn_rewards), gamma, None if turn_info is None else list(turn_info))
 
 
 def _normalise(values: list[float], use_std: bool) -> list[float]:
@@ -209,7 +210,7 @@ def compute_advantages(turn_rewards: list[list[float]], turn_lengths: list[list[
             raise ValueError(f"episode {i}: turn lengths must be non-negative ints, got {n}")
     scores = [score_fn(list(r), gamma) for r in turn_rewards]
     traj_adv = group_advantages(scores, group_ids, use_std)
-    credits = [credit_fn(list(r), gamma) if turn_info is None else credit_fn(list(r), gamma, list(turn_info[i]))
+    credits = [credit_fn(list(r), gamma, None if turn_info is None else list(turn_info[i]))
                for i, r in enumerate(turn_rewards)]
     return scheme_fn(credits, turn_lengths, traj_adv, group_ids, use_std, lam), traj_adv
 

@@ -38,6 +38,7 @@ Simplifications, each deliberate:
   - a group never spans ranks, so advantages need no communication; token counts for the loss are global.
 """
 import dataclasses
+import inspect
 import json
 import os
 import random
@@ -273,6 +274,11 @@ def validate(cfg: Config):
     check(split_names(cfg.eval_gyms) or not cfg.eval_every, "eval_gyms", "empty, but --eval_every asks for evaluations")
     check(cfg.score in rewards.SCORES, "score", f"unknown {cfg.score!r}; known: {sorted(rewards.SCORES)}")
     check(cfg.credit in rewards.CREDITS, "credit", f"unknown {cfg.credit!r}; known: {sorted(rewards.CREDITS)}")
+    try:  # a registered credit of another signature would otherwise fail only after the first rollout
+        inspect.signature(rewards.CREDITS[cfg.credit]).bind([], cfg.gamma, None)
+    except TypeError:
+        check(False, "credit", f"rewards.CREDITS[{cfg.credit!r}] must take (turn_rewards, gamma, turn_info=None), "
+              f"got {inspect.signature(rewards.CREDITS[cfg.credit])}")
     check(cfg.scheme in rewards.SCHEMES, "scheme", f"unknown {cfg.scheme!r}; known: {sorted(rewards.SCHEMES)}")
     check(cfg.user.backend in users.BACKENDS, "user.backend",
           f"expected one of {', '.join(users.BACKENDS)}, got {cfg.user.backend!r}")

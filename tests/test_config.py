@@ -52,3 +52,13 @@ def test_cli_fails_with_one_line(argv, needle, tmp_path):
 def test_every_shipped_recipe_parses(name):
     cfg = train.parse_config(["--config", str(ROOT / "configs" / f"{name}.json")])
     assert cfg.model and cfg.group_size >= 1
+
+
+def test_a_credit_of_another_signature_is_refused_before_any_work(monkeypatch):
+    # rewards.py passes every credit function (turn_rewards, gamma, turn_info); one that takes two arguments would
+    # fail only after the first rollout of a run
+    monkeypatch.setitem(train.rewards.CREDITS, "last", lambda turn_rewards, gamma: [0.0] * len(turn_rewards))
+    with pytest.raises(train.ConfigError, match=r"--credit: .*turn_info"):
+        train.parse_config(["--credit", "last"])
+    monkeypatch.setitem(train.rewards.CREDITS, "last", lambda turn_rewards, gamma, turn_info=None: [1.0])
+    assert train.parse_config(["--credit", "last"]).credit == "last"

@@ -159,7 +159,7 @@ def test_compute_advantages_rejects_mismatched_input():
 
 
 def test_new_idea_is_one_function_and_one_line():
-    def credit_last(turn_rewards, gamma):
+    def credit_last(turn_rewards, gamma, turn_info=None):  # the README's example
         return [0.0] * (len(turn_rewards) - 1) + [1.0]
 
     rewards.CREDITS["last"] = credit_last
