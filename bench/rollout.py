@@ -1,7 +1,7 @@
 """Benchmark: rollout.py's two schedules (the engine and lockstep) on a mixed multi-turn workload with a slow user,
 and rollout.py against the naive loop (one episode at a time, `model.generate` on the re-encoded history).
 
-    python bench/rollout.py            # tiny model and Qwen2.5-0.5B's shape, about 21 minutes on 2 CPU cores
+    python bench/rollout.py            # tiny model and Qwen2.5-0.5B's shape, 15-21 minutes on 2 CPU cores
     python bench/rollout.py --quick    # small shapes, under a minute
 
 (1) The mixed workload: 32 episodes (4 tasks x group 8), 8 turns, each turn's length drawn per episode and turn
