@@ -190,12 +190,15 @@ class Engine:
         # transformers renamed `past_key_values` to `cache` (5.x deprecates the old name); use what this model takes.
         self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.slots = self.real = self.syncs = self.steps = 0
-        self.step = self._step
+        # The class's function, called with the engine as its first argument: an engine holding its own bound method
+        # would be a reference cycle, and its cache would outlive the rollout (GPU memory the update then lacks)
+        # until Python's cycle collector happens to run.
+        self.step = Engine._step
         if cfg.compile:
             # one graph per row count x width; dynamo's default limit (8 recompiles) would fall back to eager
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # reduce-overhead: CUDA graphs
-            self.step = torch.compile(self._step, mode=mode, dynamic=False)
+            self.step = torch.compile(Engine._step, mode=mode, dynamic=False)
 
     def _forward(self, block: slice, rows, ids, pos, width: int, logits: bool):
         """Feed ids [n, L] to the rows at places `rows` of `block` (see block_attention), from positions pos [n]; the
@@ -267,7 +270,7 @@ class Engine:
         count = torch.zeros_like(limit)
         toks, lps = [], []
         for _ in range(steps):
-            tok, lp, pos_t, count, active = self.step(block, width, places, inp, pos_t, count, limit, active, seeds)
+            tok, lp, pos_t, count, active = self.step(self, block, width, places, inp, pos_t, count, limit, active, seeds)
             if self.cfg.compile:  # a CUDA graph's outputs are overwritten by its next replay
                 tok, lp, pos_t, count, active = (x.clone() for x in (tok, lp, pos_t, count, active))
             toks.append(tok)

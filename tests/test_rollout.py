@@ -393,6 +393,24 @@ def test_a_seeded_rollout_repeats_whatever_the_schedule_and_timing(tiny, toy):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(c.logprobs), atol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_engines_cache_is_freed_when_the_rollout_returns(tiny, toy, monkeypatch, compiled):
+    # Freed by reference counting, not whenever Python's cycle collector runs: on a GPU the rollout's KV cache would
+    # otherwise stay allocated through the update. (An engine that kept its own bound method was such a cycle.)
+    import gc
+
+    model, tok = tiny
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the compiled path's wiring, without compiling
+    gc.collect()
+    gc.disable()
+    try:
+        rollout.rollout(model, tok, [("toy", task(0, turns=2))], 2, cfg(compile=compiled))
+        alive = [o for o in gc.get_objects() if isinstance(o, (engine.Engine, engine.KVCache))]
+    finally:
+        gc.enable()
+    assert alive == []
+
+
 def test_engine_counts_syncs_utilisation_and_copies(tiny, toy):
     model, tok = tiny
     policy = Biased(model, {tok.eos_token_id: 4.0})
