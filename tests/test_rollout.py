@@ -2,6 +2,7 @@
 masks, template ids, the engine's scheduling (rejoining rows, admissions, failures, budget cuts, timeouts), counts,
 per-turn env info, order, the HTTP agent and transcripts."""
 import copy
+import gc
 import json
 import threading
 import time
@@ -9,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+import transformers
 
 import engine
 import envs
@@ -393,19 +395,18 @@ def test_a_seeded_rollout_repeats_whatever_the_schedule_and_timing(tiny, toy):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(c.logprobs), atol=1e-5)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_the_engines_cache_is_freed_when_the_rollout_returns(tiny, toy, monkeypatch, compiled):
+@pytest.mark.parametrize("schedule, compiled", [("engine", False), ("engine", True), ("lockstep", False)])
+def test_the_kv_cache_is_freed_when_the_rollout_returns(tiny, toy, monkeypatch, schedule, compiled):
     # Freed by reference counting, not whenever Python's cycle collector runs: on a GPU the rollout's KV cache would
     # otherwise stay allocated through the update. (An engine that kept its own bound method was such a cycle.)
-    import gc
-
     model, tok = tiny
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the compiled path's wiring, without compiling
     gc.collect()
     gc.disable()
     try:
-        rollout.rollout(model, tok, [("toy", task(0, turns=2))], 2, cfg(compile=compiled))
-        alive = [o for o in gc.get_objects() if isinstance(o, (engine.Engine, engine.KVCache))]
+        rollout.rollout(model, tok, [("toy", task(0, turns=2))], 2, cfg(schedule=schedule, compile=compiled))
+        caches = (engine.Engine, engine.KVCache, engine.LockstepBatch, transformers.DynamicCache)
+        alive = [o for o in gc.get_objects() if isinstance(o, caches)]
     finally:
         gc.enable()
     assert alive == []
