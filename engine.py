@@ -270,7 +270,8 @@ class Engine:
         count = torch.zeros_like(limit)
         toks, lps = [], []
         for _ in range(steps):
-            tok, lp, pos_t, count, active = self.step(self, block, width, places, inp, pos_t, count, limit, active, seeds)
+            tok, lp, pos_t, count, active = self.step(self, block, width, places, inp, pos_t, count, limit, active,
+                                                      seeds)
             if self.cfg.compile:  # a CUDA graph's outputs are overwritten by its next replay
                 tok, lp, pos_t, count, active = (x.clone() for x in (tok, lp, pos_t, count, active))
             toks.append(tok)
