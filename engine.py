@@ -83,7 +83,11 @@ def token_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> tor
     golden = _SPLITMIX[0]
     key = _mix(seeds + (positions + 1) * golden)
     x = _mix(key[:, None] + torch.arange(1, vocab + 1, device=seeds.device) * golden)
-    return -torch.log((_shift_right(x, 40).float() + 0.5) / (1 << 24))  # top 24 bits -> u in (0, 1)
+    noise = -torch.log((_shift_right(x, 40).float() + 0.5) / (1 << 24))  # top 24 bits k -> u = (k + 1/2) / 2^24
+    # float32 rounds k + 1/2 to even, so k = 2^24 - 1 gives u = 1 and noise -0.0: a token of probability 0 (outside the
+    # top-p nucleus) would then score 0 / -0 = NaN, which topk takes. Its true noise is -log(1 - 2^-25) = 2^-25 (to
+    # float32 precision); every other k gives more, so the clamp changes that case only.
+    return noise.clamp_(min=2.0 ** -25)
 
 
 # ----------------------------------------------------------------------------------------------------------

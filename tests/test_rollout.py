@@ -540,6 +540,20 @@ def test_token_noise_samples_the_distribution_and_depends_only_on_its_keys():
     assert abs(pairs.float().mean().item() - 0.25) < 0.03
 
 
+def test_no_token_of_probability_zero_is_ever_sampled():
+    """(seed 0, position 1059) draws the top 24 bits all ones for token 2532 of 4096: one (token, step) in 2^24 does,
+    so ~1% of steps at Qwen's 152k vocabulary. Its noise must be positive, and a token outside the nucleus (or
+    any token of probability 0) must lose to the tokens that can be sampled."""
+    noise = engine.token_noise(torch.tensor([0]), torch.tensor([1059]), 4096)
+    assert (noise > 0).all() and noise[0, 2532] == 2.0 ** -25
+    logits = torch.full((1, 4096), float("-inf"))
+    logits[0, 7] = 0.0
+    assert engine.sample_tokens(logits, noise=noise)[0].tolist() == [7]
+    logits = torch.zeros(1, 4096)
+    logits[0, 7] = 20.0  # the nucleus at top_p 0.9 is token 7 alone: 2532, truncated to probability 0, must lose
+    assert engine.sample_tokens(logits, top_p=0.9, noise=noise)[0].tolist() == [7]
+
+
 def test_bad_arguments_are_named(tiny, toy):
     model, tok = tiny
     with pytest.raises(ValueError, match="group_size"):
