@@ -17,11 +17,14 @@ names, every task file, the user endpoint. Each problem is one line (ConfigError
 the file), raised before the run folder exists and before any model loads. `plan_ranks(cfg)` is the part about
 GPUs: how many ranks train on which GPUs, and which GPUs the user server gets (train.main launches by it).
 """
+import ast
 import dataclasses
+import inspect
 import json
 import math
 import os
 import re
+import textwrap
 import typing
 import urllib.parse
 from dataclasses import dataclass
@@ -172,6 +175,39 @@ def apply_args(cfg, argv: list[str], fixed: dict | None = None):
         if key != "config":
             _set(cfg, key, value, fixed)
     return cfg
+
+
+HELP = ("-h", "--help")
+
+
+def field_docs(cls) -> dict:
+    """{field name: its description} of a dataclass, inherited fields included: the string literal written under
+    each field, the convention of every config here (Python keeps no such string at run time, so it is read from
+    the source)."""
+    docs = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):  # no source (a class built at run time)
+            continue
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def usage(cfg, prefix: str = "") -> list[str]:
+    """One entry per key of dataclass config `cfg`, nested ones dotted: `--key (default)` and its description, for
+    --help."""
+    lines, docs = [], field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += usage(value, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"  --{prefix}{f.name} (default {json.dumps(value)})")
+            lines += textwrap.wrap(docs.get(f.name, ""), 112, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return lines
 
 
 def split_names(names: str) -> list[str]:

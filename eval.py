@@ -36,7 +36,7 @@ import distributed
 import envs
 import rollout as rollout_lib
 import users
-from config import ConfigError, apply_args, check_model
+from config import HELP, ConfigError, apply_args, check_model, usage
 from rollout import RolloutConfig
 from users import UserConfig
 
@@ -381,6 +381,10 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str]):
+    if set(argv) & set(HELP):
+        print(__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1] + "\n\nEvery key, as --key value (defaults: the "
+              "paper's evaluation):\n" + "\n".join(usage(EvalConfig())))
+        return
     try:
         if argv[:1] == ["--table"]:
             if len(argv) < 2:

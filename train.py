@@ -1,4 +1,4 @@
-"""Multi-turn GRPO for user-centric agents: the UserRL recipe (arXiv 2509.19736), written by hand in PyTorch.
+r"""Multi-turn GRPO for user-centric agents: the UserRL recipe (arXiv 2509.19736), written by hand in PyTorch.
 
     python train.py                                # the offline demo: the whole recipe on CPU (configs/demo.json)
     python train.py --sft_steps 0                  # the demo without the SFT cold start (the paper's finding 1)
@@ -62,7 +62,8 @@ import eval as evaluation
 import rewards
 import sft
 import users
-from config import ConfigError, DataError, Tasks, apply_args, check_before_work, load_tasks, plan_ranks, split_names
+from config import (HELP, ConfigError, DataError, Tasks, apply_args, check_before_work, load_tasks, plan_ranks,
+                    split_names, usage)
 from grpo import STATS, LossConfig, chunk_tokens, grpo_loss, loss_weights, naive_grpo_loss, token_logprobs
 from models import head_weight, hidden_states, load_model, pad_batch, refresh_rollout_copy, rollout_copy
 from rollout import RolloutConfig, rollout
@@ -155,6 +156,7 @@ class Config:
     lr: float = 1e-6
     """AdamW learning rate, constant, no warm-up (the paper's recipe)"""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay, on every parameter"""
     grad_clip: float = 1.0
     """clip the global gradient norm to this"""
     score: str = "sum"
@@ -1037,6 +1039,11 @@ def main(argv: list[str], entry: str = __file__):
     report = distributed.launched_run_dir() is None  # ranks of launch() leave the messages to the launching process
     if launching:  # SIGTERM as Ctrl-C, so every `finally` runs: the user server is stopped, the lock released
         previous = signal.signal(signal.SIGTERM, interrupt)
+    if set(argv) & set(HELP):
+        print(__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1] + "\n\nEvery key, as --key value or in a "
+              "--config JSON file (defaults of train.Config; a command that names no --config, --resume or --algo "
+              "runs configs/demo.json):\n" + "\n".join(usage(Config())))
+        return
     named = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if not named & {"--config", "--resume", "--algo"}:
         argv = ["--config", str(DEMO), *argv]  # the demo is what a command that names no recipe runs

@@ -1,4 +1,5 @@
 """The command line: defaults, --config files, --key value overrides, and errors that name the key."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import eval as evaluation
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,3 +64,23 @@ def test_a_credit_of_another_signature_is_refused_before_any_work(monkeypatch):
         train.parse_config(["--credit", "last"])
     monkeypatch.setitem(train.rewards.CREDITS, "last", lambda turn_rewards, gamma, turn_info=None: [1.0])
     assert train.parse_config(["--credit", "last"]).credit == "last"
+
+
+
+def dotted_keys(cfg, prefix=""):
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        yield from dotted_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+
+
+@pytest.mark.parametrize("script, cfg", [("train.py", train.Config()), ("eval.py", evaluation.EvalConfig())])
+def test_help_lists_every_key_with_its_default_and_description(script, cfg, tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert not list(tmp_path.iterdir())  # --help runs nothing: no run folder
+    lines = p.stdout.splitlines()
+    entries = [(i, line.split()) for i, line in enumerate(lines) if line.startswith("  --")]
+    assert [words[0] for _, words in entries] == [f"--{k}" for k in dotted_keys(cfg)]
+    for i, words in entries:  # its default, then a description under it
+        assert words[1] == "(default" and lines[i + 1].startswith("      ") and lines[i + 1].strip(), lines[i:i + 2]
