@@ -87,8 +87,8 @@ def test_python_train_py_nproc_3_runs_the_loop_of_one_process(tmp_path, monkeypa
     ma, _ = train.load_model(str(one / "final"))  # the exports of step 2 (a ckpt-N folder holds DCP shards)
     mb, _ = train.load_model(str(three / "final"))
     with torch.no_grad():  # lr 1e-3: a parameter whose gradient nearly cancels takes an Adam step whose size moves
-        # with the summation order (1.5% of a step on an AVX-512 CPU, under 1% on AVX2); a lost or double-counted
-        # rank moves whole steps (1e-3)
+        # with the summation order (1.5% of a step on a 2-core Xeon, under 1% on the AMD machine the suite ran on
+        # before); a lost or double-counted rank moves whole steps (1e-3)
         assert max(float((p - q).abs().max()) for p, q in zip(ma.parameters(), mb.parameters())) < 5e-5
     # the server: its output in the run folder, gone after the run
     assert port_closed(three / "user-server.log") and not (three / "train.lock").exists()
