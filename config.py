@@ -191,7 +191,8 @@ def field_docs(cls) -> dict:
         except (OSError, TypeError):  # no source (a class built at run time)
             continue
         for node, after in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value.value, str):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and \
+                    isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -205,7 +206,7 @@ def usage(cfg, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(value):
             lines += usage(value, f"{prefix}{f.name}.")
         else:
-            lines.append(f"  --{prefix}{f.name} (default {json.dumps(value)})")
+            lines.append(f"  --{prefix}{f.name} (default {json.dumps(value, default=str)})")
             lines += textwrap.wrap(docs.get(f.name, ""), 112, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return lines
 
