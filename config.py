@@ -197,6 +197,12 @@ def field_docs(cls) -> dict:
     return docs
 
 
+def help_text(doc: str, cfg, defaults: str) -> str:
+    """A script's --help: the first two paragraphs of its docstring (what it is, its commands), then every key of
+    its config `cfg`; `defaults` says where the defaults come from."""
+    return "\n\n".join(doc.split("\n\n")[:2]) + f"\n\nEvery key, as --key value ({defaults}):\n" + "\n".join(usage(cfg))
+
+
 def usage(cfg, prefix: str = "") -> list[str]:
     """One entry per key of dataclass config `cfg`, nested ones dotted: `--key (default)` and its description, for
     --help."""

@@ -36,7 +36,7 @@ import distributed
 import envs
 import rollout as rollout_lib
 import users
-from config import HELP, ConfigError, apply_args, check_model, usage
+from config import HELP, ConfigError, apply_args, check_model, help_text
 from rollout import RolloutConfig
 from users import UserConfig
 
@@ -382,8 +382,7 @@ def run(cfg: EvalConfig) -> dict:
 
 def main(argv: list[str]):
     if set(argv) & set(HELP):
-        print(__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1] + "\n\nEvery key, as --key value (defaults: the "
-              "paper's evaluation):\n" + "\n".join(usage(EvalConfig())))
+        print(help_text(__doc__, EvalConfig(), "defaults: the paper's evaluation"))
         return
     try:
         if argv[:1] == ["--table"]:

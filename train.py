@@ -62,8 +62,8 @@ import eval as evaluation
 import rewards
 import sft
 import users
-from config import (HELP, ConfigError, DataError, Tasks, apply_args, check_before_work, load_tasks, plan_ranks,
-                    split_names, usage)
+from config import (HELP, ConfigError, DataError, Tasks, apply_args, check_before_work, help_text, load_tasks,
+                    plan_ranks, split_names)
 from grpo import STATS, LossConfig, chunk_tokens, grpo_loss, loss_weights, naive_grpo_loss, token_logprobs
 from models import head_weight, hidden_states, load_model, pad_batch, refresh_rollout_copy, rollout_copy
 from rollout import RolloutConfig, rollout
@@ -1040,9 +1040,8 @@ def main(argv: list[str], entry: str = __file__):
     if launching:  # SIGTERM as Ctrl-C, so every `finally` runs: the user server is stopped, the lock released
         previous = signal.signal(signal.SIGTERM, interrupt)
     if set(argv) & set(HELP):
-        print(__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1] + "\n\nEvery key, as --key value or in a "
-              "--config JSON file (defaults of train.Config; a command that names no --config, --resume or --algo "
-              "runs configs/demo.json):\n" + "\n".join(usage(Config())))
+        print(help_text(__doc__, Config(), "or in a --config JSON file; the defaults of train.Config, and a command "
+                        "that names no --config, --resume or --algo runs configs/demo.json"))
         return
     named = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if not named & {"--config", "--resume", "--algo"}:
