@@ -755,7 +755,7 @@ def set_up(cfg: Config, run_dir: Path, tasks: Tasks, ranks: distributed.Ranks, u
         torch.backends.cuda.matmul.allow_tf32 = True
     sampler = TaskSampler(tasks.train, cfg.gyms or {g: 1.0 for g in tasks.train}, cfg.seed)
     user = users.from_config(dataclasses.replace(cfg.user, base_url=user_url) if user_url else cfg.user)
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed)  # on the CPU; on resume the checkpoint replaces these weights
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)  # on the CPU; a resume loads the checkpoint into it
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
