@@ -92,11 +92,12 @@ class Countdown(torch.nn.Module):
         vocab = torch.arange(self.config.vocab_size)
         start = (vocab >= self.base + shortest - 1) & (vocab <= self.base + longest - 1)
         # Barred tokens get -50, not -1e4: torch's CPU exp takes a slow path below about -87 (0.27 ms of a 3 ms step at
-        # 32 rows, where a real model's logits never go), and e^-50 still never wins a sample nor moves a log-prob.
+        # 32 rows; a real model's logits never go there, and lockstep, sampling every row, paid it most), and e^-50
+        # still never wins a sample nor moves a log-prob.
         self.start_row = torch.where(start, 0.0, BARRED)  # a turn's first token: any countdown length
 
     def forward(self, input_ids, cache=None, **kwargs):
-        # The replacement costs both schedules the same per step, so it is kept to a few ops (it is not what is timed).
+        # The replacement costs each schedule per row it feeds, so it is kept to a few ops (it is not what is timed).
         out = self.model(input_ids=input_ids, cache=cache, **kwargs)
         if out.logits.shape[1] == 0:  # a prefill: no logits asked for
             return out
