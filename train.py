@@ -1030,6 +1030,10 @@ def print_recipe_table(run_dir: Path):
 def main(argv: list[str], entry: str = __file__):
     """The command line. `entry` is the script the ranks run when this process launches them (a test's own
     script registers a toy gym, then calls main)."""
+    if set(argv) & set(HELP):
+        print(help_text(__doc__, Config(), "or in a --config JSON file; the defaults of train.Config, and a command "
+                        "that names no --config, --resume or --algo runs configs/demo.json"))
+        return  # before any set-up: no signal handler, no environment change
     transformers.utils.logging.disable_progress_bar()  # one tqdm bar per step is ours; no per-save bars
     # Read by torch when it first allocates on a GPU, so set before any CUDA work, and inherited by the ranks:
     # cached blocks grow in place rather than fragment as the KV cache and the micro-batches change size.
@@ -1039,10 +1043,6 @@ def main(argv: list[str], entry: str = __file__):
     report = distributed.launched_run_dir() is None  # ranks of launch() leave the messages to the launching process
     if launching:  # SIGTERM as Ctrl-C, so every `finally` runs: the user server is stopped, the lock released
         previous = signal.signal(signal.SIGTERM, interrupt)
-    if set(argv) & set(HELP):
-        print(help_text(__doc__, Config(), "or in a --config JSON file; the defaults of train.Config, and a command "
-                        "that names no --config, --resume or --algo runs configs/demo.json"))
-        return
     named = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if not named & {"--config", "--resume", "--algo"}:
         argv = ["--config", str(DEMO), *argv]  # the demo is what a command that names no recipe runs

@@ -1,6 +1,7 @@
 """The command line: defaults, --config files, --key value overrides, and errors that name the key."""
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,6 @@ def test_a_credit_of_another_signature_is_refused_before_any_work(monkeypatch):
     assert train.parse_config(["--credit", "last"]).credit == "last"
 
 
-
 def dotted_keys(cfg, prefix=""):
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -84,3 +84,10 @@ def test_help_lists_every_key_with_its_default_and_description(script, cfg, tmp_
     assert [words[0] for _, words in entries] == [f"--{k}" for k in dotted_keys(cfg)]
     for i, words in entries:  # its default, then a description under it
         assert words[1] == "(default" and lines[i + 1].startswith("      ") and lines[i + 1].strip(), lines[i:i + 2]
+
+
+def test_help_in_process_changes_nothing(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    train.main(["--help"])
+    assert "--rollout.schedule" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before  # main's SIGTERM handler is restored only on its run path
