@@ -10,7 +10,8 @@ block and drops the other rows' outputs. Position ids are the columns, given exp
 tested on the device and read back every `sync_every` steps (one host sync per chunk, not per token).
 
 Log-probs are taken at sampling time: log_softmax(logits / temperature) of the sampled token, before top-p
-truncation (greedy: temperature 1). The trainer recomputes them in a no-grad pass with its own training forward
+truncation (greedy: temperature 1). The logits are fp32 even from a bf16 model where the device allows it
+(`fp32_head`), as the trainer's are. The trainer recomputes them in a no-grad pass with its own training forward
 for the PPO ratio, so the ratio's two sides share numerics (bf16, kernels, batch shapes); the gap between the
 two is a diagnostic of the train/inference mismatch. Sampling noise is a function of (episode seed, position,
 token) only (`token_noise`), so a seeded rollout repeats exactly although the engine's batches depend on when
@@ -24,9 +25,12 @@ widths. It has not run on a GPU yet. On CPU it works (a test runs one compiled c
 mask, and is compacted when episodes end; bench/rollout.py counts what that costs against the engine.
 """
 import inspect
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from grpo import fp32_out_matmuls
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,6 +61,38 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
         noise = torch.empty_like(probs).exponential_().clamp_(min=torch.finfo(probs.dtype).tiny)
     tokens = (probs / noise).topk(1).indices[:, 0]  # = argmax, which torch.compile's CPU code crashes on here
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+@contextmanager
+def fp32_head(model):
+    """While open, the lm_head of a bf16/fp16 `model` hands out fp32 logits computed as the trainer computes them
+    (grpo._logits): on CUDA its matmul writes fp32 (fp32 accumulation, no logit rounded), where transformers' would
+    round every logit to bf16 (spacing 0.125 at |logit| in [16, 32)) and the rollout would sample from, and record
+    log-probs of, a distribution the trainer never scores. MiniMax-M1 (arXiv 2506.13585) traced most of its
+    training/inference probability gap to the LM head's precision and raised it to fp32; TRL has the same option
+    (cast_lm_head_to_fp32). The CPU has no fp32-output kernel: there the logits are the bf16 matmul's, handed on in
+    fp32. An fp32 model, a head with a bias or a model without get_output_embeddings (a wrapper) is left as it is."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.dtype == torch.float32:
+        yield
+        return
+    fp32_out = fp32_out_matmuls(head.weight.device.type)["mm"]  # decided here: nothing to trace in the step
+
+    def forward(hidden):
+        h = hidden.reshape(-1, hidden.shape[-1])
+        if fp32_out:
+            logits = torch.mm(h, head.weight.t(), out_dtype=torch.float32,
+                              out=h.new_empty(h.shape[0], head.out_features, dtype=torch.float32))
+        else:
+            logits = torch.mm(h, head.weight.t()).float()
+        return logits.view(*hidden.shape[:-1], head.out_features)
+
+    head.forward = forward  # the instance's attribute, over the class's method; deleted on the way out
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 _SPLITMIX = [c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]  # as int64

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import torch
 
 import envs
-from engine import Engine, LockstepBatch, sample_tokens, token_noise
+from engine import Engine, LockstepBatch, fp32_head, sample_tokens, token_noise
 
 # ----------------------------------------------------------------------------------------------------------
 # Config and records
@@ -450,7 +450,8 @@ def _rollout_local(model, tokenizer, tasks, group_size, cfg, user, stats):
         bar.update(len(episodes) - len(live))
         if live:
             schedule = _rollout_engine if cfg.schedule == "engine" else _rollout_lockstep
-            schedule(model, tokenizer, episodes, env_list, live, cfg, pool, counts, stop_ids, seeds, bar)
+            with fp32_head(model):
+                schedule(model, tokenizer, episodes, env_list, live, cfg, pool, counts, stop_ids, seeds, bar)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         bar.close()

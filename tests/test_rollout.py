@@ -14,6 +14,7 @@ import transformers
 
 import engine
 import envs
+import models
 import rollout
 import users
 
@@ -497,6 +498,29 @@ def test_engine_runs_the_qwen2_and_llama_families(tiny, toy, family):
     eps = rollout.rollout(policy, tok, [("toy", task(j)) for j in range(3)], 2, cfg())
     assert_logprobs_exact(policy, eps)
     assert policy.config._attn_implementation == "sdpa"  # the engine's attention was set for the call only
+
+
+@pytest.mark.parametrize("schedule", ["engine", "lockstep"])
+def test_a_bf16_policy_samples_from_fp32_logits(tiny, toy, schedule):
+    # While a rollout runs, a bf16 model's lm_head hands the sampler fp32 logits (engine.fp32_head: on CUDA computed
+    # in fp32, as the trainer's log-probs are); when it returns, the head is the model's own again.
+    model, tok = tiny
+    policy = models.rollout_copy(model, torch.bfloat16)
+    head = policy.get_output_embeddings()
+    seen = []
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        torch.manual_seed(0)
+        eps = rollout.rollout(policy, tok, [("toy", task(j)) for j in range(2)], 2, cfg(schedule=schedule))
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.float32} and not any(ep.failed for ep in eps)
+    assert "forward" not in vars(head) and head(torch.zeros(1, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    h = torch.randn(3, 5, 64).bfloat16()
+    with engine.fp32_head(policy):  # on the CPU: the bf16 matmul's logits, unchanged, in fp32
+        assert torch.equal(head(h), torch.nn.functional.linear(h, head.weight).float())
+    with engine.fp32_head(model):  # an fp32 model is left as it is
+        assert "forward" not in vars(model.get_output_embeddings())
 
 
 def test_engine_refuses_sliding_window_attention(tiny, toy):
