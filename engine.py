@@ -116,14 +116,18 @@ def token_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> tor
     episode, computed on the device. An episode then samples the same tokens whichever rows share its decode steps,
     so a seeded rollout repeats exactly although the engine's batches depend on when users answer, and both
     schedules sample the same episodes."""
-    golden = _SPLITMIX[0]
+    golden, mix1, mix2 = _SPLITMIX
     key = _mix(seeds + (positions + 1) * golden)
-    x = _mix(key[:, None] + torch.arange(1, vocab + 1, device=seeds.device) * golden)
-    noise = -torch.log((_shift_right(x, 40).float() + 0.5) / (1 << 24))  # top 24 bits k -> u = (k + 1/2) / 2^24
+    # _mix on the [B, vocab] stream, in place (each op over B x vocab int64 is a pass over memory); its last step,
+    # x ^ (x >>> 31), leaves the top 24 bits as they are, and those are all that is used.
+    x = key[:, None] + torch.arange(1, vocab + 1, device=seeds.device) * golden
+    x.bitwise_xor_(_shift_right(x, 30)).mul_(mix1)
+    x.bitwise_xor_(_shift_right(x, 27)).mul_(mix2)
+    u = _shift_right(x, 40).float().add_(0.5).mul_(2.0 ** -24)  # top 24 bits k -> u = (k + 1/2) / 2^24
     # float32 rounds k + 1/2 to even, so k = 2^24 - 1 gives u = 1 and noise -0.0: a token of probability 0 (outside the
     # top-p nucleus) would then score 0 / -0 = NaN, which topk takes. Its true noise is -log(1 - 2^-25) = 2^-25 (to
     # float32 precision); every other k gives more, so the clamp changes that case only.
-    return noise.clamp_(min=2.0 ** -25)
+    return u.log_().neg_().clamp_(min=2.0 ** -25)
 
 
 # ----------------------------------------------------------------------------------------------------------

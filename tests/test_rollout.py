@@ -4,6 +4,7 @@ per-turn env info, order, the HTTP agent and transcripts."""
 import copy
 import gc
 import json
+import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -562,6 +563,25 @@ def test_token_noise_samples_the_distribution_and_depends_only_on_its_keys():
     assert torch.allclose(torch.bincount(tokens, minlength=4) / 4000., torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
     pairs = (tokens[:-1] == 0) & (tokens[1:] == 0)
     assert abs(pairs.float().mean().item() - 0.25) < 0.03
+
+
+def test_token_noise_is_the_documented_splitmix64_stream():
+    # An oracle in Python integers: token t's uniform is output t + 1 of the splitmix64 stream whose seed is output
+    # position + 1 of the stream seeded by the episode; its top 24 bits k give u = (k + 1/2) / 2^24, noise -log(u).
+    golden, mask = 0x9E3779B97F4A7C15, (1 << 64) - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    seeds, positions = [0, 12345, (1 << 62) - 1], [0, 1059, 8191]
+    noise = engine.token_noise(torch.tensor(seeds), torch.tensor(positions), 3000)
+    for row, (seed, pos) in enumerate(zip(seeds, positions)):
+        key = mix((seed + (pos + 1) * golden) & mask)
+        for t in (0, 1, 2999):
+            u = ((mix((key + (t + 1) * golden) & mask) >> 40) + 0.5) / 2 ** 24
+            assert noise[row, t].item() == pytest.approx(-math.log(u), rel=1e-6), (seed, pos, t)
 
 
 def test_no_token_of_probability_zero_is_ever_sampled():
