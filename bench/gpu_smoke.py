@@ -14,8 +14,9 @@ JSON line (issue 11, "One command for any GPU").
 (b) rollout a random model of Qwen3-0.6B's shape: decode tokens/s at batch 32 (4 tasks x group 8 of a real gym,
             one turn, through rollout.rollout) for both schedules (lockstep, engine) and the engine with
             --rollout.compile true (on CUDA only); and the log-prob gap between the bf16 rollout copy
-            (models.rollout_copy) and the training forward (fp32 weights under bf16 autocast, fused fp32
-            log-probs) at positions beyond 2,000, next to the same gap for the old deepcopy().to(bf16).
+            (models.rollout_copy, its lm_head's logits in fp32 as during a rollout: engine.fp32_head) and the
+            training forward (fp32 weights under bf16 autocast, fused fp32 log-probs) at positions beyond 2,000,
+            next to the same gap with the copy's bf16 logits and for the old deepcopy().to(bf16).
             Vocab: the model keeps Qwen's 151,936 ids (the lm_head costs what it costs in a real run), but the
             tiny tokenizer has 1,536, so sampling is restricted to those by a hook that sets the other logits
             to -inf; the log-prob gap is measured over the full vocab, without the hook.
@@ -34,6 +35,7 @@ Progress goes to stderr; the last line on stdout is the JSON object. No GPU figu
 script yet (see the README's "GPU check").
 """
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -51,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))                # the project's modules first: bench/rollout.py is not rollout.py
 sys.path.append(str(ROOT / "bench"))
 
+import engine  # noqa: E402
 import envs  # noqa: E402
 import grpo  # noqa: E402
 import models  # noqa: E402
@@ -230,16 +233,17 @@ def training_logprobs(model, ids):
         return grpo.token_logprobs(h, w.to(h.dtype), ids[0, 1:], chunk_size=grpo.chunk_tokens(w.shape[0], 0, h.device))
 
 
-def copy_logprobs(copy_, ids):
-    """How the rollout scores a token: the copy's own logits (in its dtype), log_softmax in fp32."""
-    with torch.no_grad():
+def copy_logprobs(copy_, ids, fp32_head: bool = True):
+    """How the rollout scores a token: the copy's logits as its lm_head hands them out during a rollout (fp32,
+    engine.fp32_head; with fp32_head False, in the copy's dtype, as before that), log_softmax in fp32."""
+    with torch.no_grad(), engine.fp32_head(copy_) if fp32_head else contextlib.nullcontext():
         logits = copy_(input_ids=ids, use_cache=False).logits[0, :-1].float()
     return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
 
 
-def rope_gap(model, copy_, ids, start: int = 2000) -> dict:
+def rope_gap(model, copy_, ids, start: int = 2000, fp32_head: bool = True) -> dict:
     ref = training_logprobs(model, ids)
-    gap = (copy_logprobs(copy_, ids) - ref).abs()
+    gap = (copy_logprobs(copy_, ids, fp32_head) - ref).abs()
     late, early = gap[start:], gap[:256]
     return {"mean_abs_beyond_2000": float(late.mean()), "max_abs_beyond_2000": float(late.max()),
             "mean_abs_first_256": float(early.mean())}
@@ -278,7 +282,8 @@ def part_rollout(setup: dict, device, clock: Clock) -> dict:
     ids = ids.to(device)
     copy_ = models.rollout_copy(model, torch.bfloat16)
     try:
-        out["logprob_gap"] = {"rollout_copy": rope_gap(model, copy_, ids), "positions": setup["gap_tokens"]}
+        out["logprob_gap"] = {"rollout_copy": rope_gap(model, copy_, ids), "positions": setup["gap_tokens"],
+                              "rollout_copy_bf16_head": rope_gap(model, copy_, ids, fp32_head=False)}
         import copy as copy_module
         old = copy_module.deepcopy(model).to(torch.bfloat16)
         out["logprob_gap"]["old_deepcopy_to_bf16"] = rope_gap(model, old, ids)
