@@ -537,19 +537,26 @@ def search_judge_messages(query: str, arguments: dict) -> list:
              "valid for exactly one aspect, otherwise {\"aspect\": null}."}]
 
 
-def question_judge_messages(question: str, preferences: list) -> list:
+def history_text(history: list) -> str:
+    """The conversation so far, one "Speaker: text" line per message, for the judge's and the traveller's prompts
+    (the original passes both the conversation history)."""
+    return "\n".join(f"{who}: {text}" for who, text in history) or "(nothing yet)"
+
+
+def question_judge_messages(question: str, preferences: list, request: str = "", history: list = ()) -> list:
     listed = "\n".join(f"- {p['id']}: {p['text']}" for p in preferences) or "(none left)"
     return [{"role": "system", "content":
              "You classify what a travel assistant just said to a traveller whose preferences are hidden."},
             {"role": "user", "content":
-             f"The traveller's remaining preferences:\n{listed}\n\nThe assistant said: {question}\n\n"
+             f"The traveller's request: {request}\n\nThe conversation so far:\n{history_text(history)}\n\n"
+             f"The traveller's remaining preferences:\n{listed}\n\nThe assistant now said: {question}\n\n"
              "Types: 1 = small talk or anything that is not a question about preferences; 2 = a concrete "
              "question about one of the preferences listed; 3 = a concrete question about some preference "
              "that is not listed; 4 = a vague or general question (such as 'what do you prefer?').\n"
              "Reply with a JSON object only: {\"type\": <1-4>, \"preference\": \"<id for type 2, else null>\"}."}]
 
 
-def user_messages(mode: str, question: str, hint: str = "") -> list:
+def user_messages(mode: str, question: str, hint: str = "", history: list = ()) -> list:
     task = {"reveal": f"Answer it by conveying this about yourself, indirectly and in your own words, keeping "
                       f"every number and name in it: {hint}",
             "volunteer": f"Reply briefly, then bring this up on your own, indirectly, keeping every number and "
@@ -558,7 +565,8 @@ def user_messages(mode: str, question: str, hint: str = "") -> list:
     return [{"role": "system", "content":
              "You are a traveller chatting with a travel assistant. Speak casually in the first person, in one "
              "or two sentences. Never list requirements and never mention that you have hidden preferences."},
-            {"role": "user", "content": f"The assistant said: {question}\n\n{task}"}]
+            {"role": "user", "content": f"The conversation so far:\n{history_text(history)}\n\n"
+                                        f"The assistant now said: {question}\n\n{task}"}]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -585,35 +593,47 @@ class TravelSession:
         self.remaining = [p for a in task["aspects"] for p in a["preferences"]]
         self.searched, self.searches, self.quiet_turns = set(), 0, 0
         self.chosen = {}  # aspect -> (option id, reward)
+        self.history = []  # (speaker, text): what the judge and an LLM traveller see of the conversation so far
 
     def search(self, query: str):
+        obs, reward = self._search(query)
+        self.history += [("Assistant (search)", query), ("Database", obs.split("\n")[0])]  # results not repeated
+        return obs, reward, False
+
+    def _search(self, query: str):
         self.searches += 1
         if self.searches % self.failure_interval == 0:  # on purpose, as in the original: agents must retry
-            return SEARCH_FAILED, 0.0, False
+            return SEARCH_FAILED, 0.0
         reply = self.user.act("travel.search_judge", search_judge_messages(query, self.arguments),
                               rule=search_judge_rule, query=query, arguments=self.arguments)
         aspect = (users.extract_json(reply) or {}).get("aspect")
         if not isinstance(aspect, str) or aspect not in self.aspects:
             return ("No results. Search for one thing at a time and state all of its details, e.g. a flight's "
-                    "origin, destination and date, or a hotel's city and check-in and check-out dates."), 0.0, False
+                    "origin, destination and date, or a hotel's city and check-in and check-out dates."), 0.0
         if aspect in self.searched:
-            return f"You have already searched for the {aspect}; its options are in the earlier results.", 0.0, False
+            return f"You have already searched for the {aspect}; its options are in the earlier results.", 0.0
         self.searched.add(aspect)
         a = self.aspects[aspect]
         lines = [json.dumps(o, separators=(",", ":")) for o in a["options"]]
         head = f"{len(lines)} {aspect} options (price in {ASPECTS[aspect].unit}), one JSON object per line:"
-        return "\n".join([head, *lines]), self.search_reward, False
+        return "\n".join([head, *lines]), self.search_reward
 
     def talk(self, message: str):
-        reply = self.user.act("travel.question_judge", question_judge_messages(message, self.remaining),
-                              rule=question_judge_rule, question=message, preferences=self.remaining)
+        obs, reward = self._talk(message)
+        self.history += [("Assistant", message), ("Traveller", obs)]
+        return obs, reward, False
+
+    def _talk(self, message: str):
+        judged = question_judge_messages(message, self.remaining, self.task["request"], self.history)
+        reply = self.user.act("travel.question_judge", judged, rule=question_judge_rule, question=message,
+                              preferences=self.remaining)
         verdict = users.extract_json(reply) or {}
         kind = str(verdict.get("type", "")).strip()  # models write 2 or "2"
         pref = next((p for p in self.remaining if p["id"] == verdict.get("preference")), None)
         if kind == "2" and pref is not None:
             self.remaining.remove(pref)
             self.quiet_turns = 0
-            return self._say("reveal", message, pref["hint"]), self.preference_reward, False
+            return self._say("reveal", message, pref["hint"]), self.preference_reward
         self.quiet_turns += 1
         if kind in ("2", "3"):  # type 2 naming no preference the user holds counts as 3
             obs = NO_PREFERENCE
@@ -626,11 +646,11 @@ class TravelSession:
             pref = self.remaining.pop(0)
             self.quiet_turns = 0
             obs += " " + self._say("volunteer", message, pref["hint"])
-        return obs, 0.0, False
+        return obs, 0.0
 
     def _say(self, mode: str, question: str, hint: str = "") -> str:
-        return self.user.act("travel.user", user_messages(mode, question, hint), rule=user_rule, mode=mode,
-                             question=question, hint=hint)
+        return self.user.act("travel.user", user_messages(mode, question, hint, self.history), rule=user_rule,
+                             mode=mode, question=question, hint=hint)
 
     def answer(self, content: str):
         tokens = [t.upper() for t in re.split(r"[,\s]+", content.strip()) if t]
@@ -640,18 +660,25 @@ class TravelSession:
             # The format is described, not exemplified: an example id could be this task's best option.
             return (f"Error: {shown}. Answer with option ids as the search results list them (a letter and a "
                     "number), comma-separated, at most one per aspect."), 0.0, False
-        lines, reward = [], 0.0
+        lines, reward, recorded = [], 0.0, []
         for oid in tokens:
             aspect = next((a for a in self.aspects.values() if any(o["id"] == oid for o in a["options"])), None)
             if aspect is None:
                 lines.append(f"{oid} is not among the options of this trip.")
             elif aspect["aspect"] in self.chosen:
+                # As the original: the answer stops at this id and earns nothing; the ids before it stay chosen,
+                # worth 0 in the score as well (the original's metric reads this turn's reward, 0).
+                for name in recorded:
+                    self.chosen[name] = (self.chosen[name][0], 0.0)
                 lines.append(f"{oid}: you already chose {self.chosen[aspect['aspect']][0]} for the "
-                             f"{aspect['aspect']}; only one choice per aspect counts.")
+                             f"{aspect['aspect']}; only one choice per aspect is allowed, so this answer stops here "
+                             "and earns nothing.")
+                return " ".join(lines), 0.0, self.all_best()
             else:
                 r = (BEST_REWARD if oid == aspect["best_id"] else
                      CORRECT_REWARD if oid in aspect["correct_ids"] else 0.0)
                 self.chosen[aspect["aspect"]] = (oid, r)
+                recorded.append(aspect["aspect"])
                 # A chosen aspect's preferences are no longer up for discussion (the original removes them too).
                 self.remaining = [p for p in self.remaining if not p["id"].startswith(aspect["aspect"] + ".")]
                 reward += r

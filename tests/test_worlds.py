@@ -177,6 +177,37 @@ def test_travel_answer_errors_and_one_choice_per_aspect():
     assert not any(p["id"].startswith(a["aspect"] + ".") for p in s.remaining)
     s.answer(b["best_id"])
     assert s.score() == pytest.approx((0.8 + 1.0) / len(task["aspects"]))
+    # As the original: an id for an aspect already chosen, even earlier in the same answer, stops the answer and
+    # zeroes it; the ids before it stay chosen, worth 0 in the score too.
+    s = travel.TravelSession(task, Rules())
+    obs, r, _ = s.answer(f"{b['best_id']}, {a['best_id']}, {second_correct}")
+    assert r == 0.0 and "earns nothing" in obs and s.chosen[a["aspect"]] == (a["best_id"], 0.0)
+    assert s.score() == 0.0 and b["aspect"] in s.chosen
+
+
+def test_travel_judge_and_llm_traveller_see_the_conversation_so_far():
+    class Recording:  # answers as the rules do, and keeps the messages an LLM backend would get
+        def __init__(self):
+            self.calls = []
+
+        def act(self, role, messages, rule=None, **facts):
+            self.calls.append((role, messages))
+            return rule(**facts)
+
+    task = travel.make_scenario(__import__("random").Random(5), "t")
+    user = Recording()
+    s = travel.TravelSession(task, user)
+    s.search("something vague")
+    s.talk("Lovely weather today!")
+    first_reply = s.history[-1][1]
+    s.talk(f"Do you care about {s.remaining[0]['keywords'][0]}?")
+    judge = [m for role, m in user.calls if role == "travel.question_judge"][-1][-1]["content"]
+    traveller = [m for role, m in user.calls if role == "travel.user"][-1][-1]["content"]
+    for prompt in (judge, traveller):  # the earlier turns, in order, before the latest message
+        assert prompt.index("Assistant (search): something vague") < prompt.index("Database: No results") \
+            < prompt.index("Assistant: Lovely weather today!") < prompt.index(f"Traveller: {first_reply}") \
+            < prompt.index("now said: Do you care about")
+    assert task["request"] in judge
 
 
 def test_travel_llm_replies_are_parsed_leniently():
