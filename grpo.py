@@ -134,7 +134,8 @@ def policy_loss(logp, old_logprobs, advantages, cfg: LossConfig, ref_logprobs=No
             "approx_kl": (ratio - 1 - log_ratio).detach()}
     if ref_logprobs is not None:
         d = (ref_logprobs - logp).clamp(-20, 20)
-        kl = d.exp() - d - 1
+        kl = (d.exp() - d - 1).clamp(max=10)  # verl's low_var_kl bounds k3 to 10: a token far off the reference
+        # (its log-ratio of 20 gives k3 = 5e8) would otherwise swamp the policy loss; past 10 it has no gradient
         info["kl"] = kl.detach()
         if cfg.kl_coef:
             loss = loss + cfg.kl_coef * kl

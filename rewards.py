@@ -169,9 +169,13 @@ def scheme_additive(credits, turn_lengths, traj_adv, group_ids, use_std, lam):
     where norm_group pools every turn credit of every rollout in the group. A turn is judged against the
     group's other turns, so a high-credit turn is never pushed down for being high-credit, and a failed
     rollout still gets -lam*|A|. With equalized credits the turn term is 0 and this is plain GRPO (x lam).
+    A group with one member gets 0, as in _normalise (its turns would otherwise be judged against each other
+    alone); a group whose scores have no spread still gets its turn term, the signal this scheme adds.
     """
     turn_adv = [[0.0] * len(c) for c in credits]
     for members in _groups(group_ids).values():
+        if len(members) < 2:
+            continue
         pooled = _normalise([x for i in members for x in credits[i]], use_std)
         for i in members:
             turn_adv[i], pooled = pooled[:len(credits[i])], pooled[len(credits[i]):]

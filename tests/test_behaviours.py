@@ -73,6 +73,10 @@ def test_failed_episodes_count_only_as_failures_in_the_metrics():
     assert m["turns_mean"] == pytest.approx(4 / 3) and m["response_tokens_mean"] == pytest.approx(14 / 3)
     assert (m["failed_episodes"], m["episodes"], m["end/user_failure"], m["end/done"]) == (2, 5, 2, 3)
     assert m["frac_zero_std"] == 0.5  # group 0 has a spread, group 1 (one member) none
+    # Equal scores are no spread whatever their float sum does: 7 x 0.1 has np.std 1.4e-17, not 0.
+    sevens = [episode("a", [0.0] * 9 + [1.0], [1] * 10) for _ in range(7)]
+    m = train.episode_metrics(sevens, [0.1] * 7, [[0.0] * 10] * 7, [0] * 7)
+    assert m["frac_zero_std"] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -136,6 +136,14 @@ def test_asymmetric_clip_k3_approx_kl_and_the_log_ratio_clamp_by_hand():
         assert hidden.grad[1].abs().max() == 0
     info = grpo.policy_loss(torch.zeros(2), torch.tensor([-30.0, 30.0]), torch.tensor([-1.0, 1.0]), cfg)[1]
     assert info["approx_kl"].tolist() == pytest.approx([math.exp(20) - 21, math.exp(-20) + 19], rel=1e-6)
+    # The KL penalty's k3 is bounded by 10, as verl's low_var_kl: a token 15 nats below the reference would
+    # add kl_coef x 3.3e6 (3,269 at kl_coef 1e-3), and past the bound it has no gradient.
+    logp = torch.tensor([-16.0, -1.2], requires_grad=True)
+    loss, info = grpo.policy_loss(logp, logp.detach(), torch.zeros(2), grpo.LossConfig(kl_coef=1e-3),
+                                  ref_logprobs=torch.tensor([-1.0, -1.0]))
+    assert info["kl"].tolist() == pytest.approx([10.0, math.exp(0.2) - 1.2], rel=1e-4)  # fp32 cancellation
+    loss.sum().backward()
+    assert logp.grad[0] == 0 and logp.grad[1] != 0
 
 
 # ---- fused training path vs naive

@@ -147,6 +147,9 @@ def test_single_member_group_and_one_turn_episodes_get_zero():
     tok, traj = rewards.compute_advantages([[1.0], [0.3]], [[4], [2]], ["a", "b"], credit="em")
     assert traj == [0.0, 0.0]
     assert tok == [[0.0] * 4, [0.0] * 2]
+    # the additive scheme too: a lone member's turns are not judged against each other
+    tok, traj = rewards.compute_advantages([[0.0, 1.0]], [[2, 2]], ["a"], credit="r2g", scheme="additive")
+    assert traj == [0.0] and tok == [[0.0] * 4]
 
 
 def test_compute_advantages_rejects_mismatched_input():
