@@ -57,7 +57,6 @@ TOOL_SCHEMA = {
         },
     },
 }
-CHOICES = ("action", "search", "answer", "finish")
 
 
 class TaskDataError(ValueError):
@@ -71,7 +70,8 @@ class TaskDataError(ValueError):
 class ActionError(ValueError):
     """The agent's turn holds no usable action. `missing`: there was no tool call at all (the rollout ends such an
     episode, as the original does). `malformed`: a tool call was there but is not a call of interact_with_env
-    with string arguments (broken JSON, an unknown tool, bad arguments); the original ends the episode."""
+    with an object of arguments (broken JSON, an unknown tool, arguments that are no object); the original ends
+    the episode."""
 
     def __init__(self, message: str, missing: bool = False, malformed: bool = False):
         super().__init__(message)
@@ -130,11 +130,11 @@ def _parse_call(raw: str) -> Action:
             args = json.loads(args)
         except (ValueError, RecursionError):
             args = None
-    if not isinstance(args, dict) or not isinstance(args.get("choice"), str) or not isinstance(args.get("content"), str):
-        raise ActionError('The arguments must be an object with string fields "choice" and "content".',
-                          malformed=True)
-    choice = args["choice"].strip().lower()
-    content = args["content"].strip()
+    if not isinstance(args, dict):
+        raise ActionError('The arguments must be an object with the fields "choice" and "content".', malformed=True)
+    # As the original's tool reads them: each field as a string (content 61 is "61"), a missing one as "", and
+    # the choice matched exactly ("Answer" is no choice; the env decides what an unknown choice means, see _act).
+    choice, content = str(args.get("choice", "")), str(args.get("content", "")).strip()
     m = PLAIN_RE.match(content)  # "[answer] 42" inside content means the same as content "42"
     if m and m.group(1).lower() == choice:
         content = m.group(2).strip()
@@ -142,8 +142,6 @@ def _parse_call(raw: str) -> Action:
 
 
 def _check(choice: str, content: str) -> Action:
-    if choice not in CHOICES:
-        raise ActionError(f"Unknown choice {choice[:40]!r}. Use one of: action, search, answer.")
     if not content and choice != "finish":
         raise ActionError(f"The content of your {choice} is empty.")
     return Action(choice, content)
@@ -288,6 +286,8 @@ class Env:
                 self.info["end_reason"] = "malformed_call"
                 return f"Error: {e} The episode ends.", 0.0, True
             return f"Error: {e}", 0.0, False
+        if self.eval_mode:  # the original's evaluation runs a turn's first call only (its training runs them all)
+            actions = actions[:1]
         if len(actions) > 1:
             self.info["calls"] = len(actions)
         observations, reward, done = [], 0.0, False
@@ -306,9 +306,11 @@ class Env:
     def _act(self, action: Action):
         if action.choice == "finish":  # the original pays nothing for finishing (TauGym: its last reward, 0 here)
             return "The episode is finished.", 0.0, True
+        # A choice the gym does not take (an unknown one too: the original sends its content on as it is) is
+        # played as the gym's other_choices_as, when it has one.
         choice = action.choice if action.choice in self.choices else self.other_choices_as
         if choice is None:
-            raise ActionError(f"The choice {action.choice!r} is not allowed in this task. Allowed: "
+            raise ActionError(f"The choice {action.choice[:40]!r} is not allowed in this task. Allowed: "
                               f"{', '.join(self.choices)}.")
         if len(action.content) > MAX_CONTENT_CHARS:
             raise ActionError(f"The content is too long ({len(action.content)} characters; the limit is "

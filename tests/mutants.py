@@ -203,6 +203,12 @@ MUTANTS = [
     # ---- rewards.py
     Mutant("rewards.py", "return round(sum(turn_rewards) / len(turn_rewards), 4)", "return round(sum(turn_rewards), 4)",
            (REWARDS,), "Sum score is the total, not the mean turn reward", quick=True),
+    Mutant("envs.py", "            actions = actions[:1]\n", "            pass\n",
+           ("tests/test_envs.py::test_evaluation_runs_only_the_first_call_of_a_turn",),
+           "evaluation runs every call of a turn (the original's eval runs the first)", quick=True),
+    Mutant("envs.py", 'str(args.get("content", "")).strip()', 'str(args.get("content") or "").strip()',
+           ("tests/test_envs.py::test_tool_arguments_are_read_as_strings_as_the_original_tool_reads_them",),
+           "a numeric answer 0 is read as no answer", quick=True),
     Mutant("rewards.py", "/ (n - 1))", "/ n)", (REWARDS,), "biased group std", quick=True),
     Mutant("rewards.py", "        if len(members) < 2:\n            continue\n", "", (REWARDS,),
            "the additive scheme gives a lone group's turns advantages", quick=True),

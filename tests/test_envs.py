@@ -536,7 +536,7 @@ def adversarial_turns(rng: random.Random, marker: Path) -> list[str]:
         "<think>" * 1000, "<think>unclosed [answer] 3", "[action] " + "\n" * 5000,
         '<tool_call>{"name": "interact_with_env", "arguments": {"choice": "finish", "content": ""}}</tool_call>',
     ]
-    alphabet = "[]{}()<>\"':,\\/*-+.0123456789 abcdyesno\n\t_é中\U0001f600" + "".join(envs.CHOICES)
+    alphabet = "[]{}()<>\"':,\\/*-+.0123456789 abcdyesno\n\t_é中\U0001f600" + "actionsearchanswerfinish"
     randoms = []
     for _ in range(220):
         prefix = rng.choice(["", "[action] ", "[answer] ", "[search] ", '<tool_call>{"name": "interact_with_env", "arguments": '])
@@ -630,7 +630,6 @@ def call(choice, content):
 @pytest.mark.parametrize("text", [
     '<tool_call>\n{"name": "interact_with_env", "arguments": {"choice": "answer", "content": "16"\n</tool_call>',
     '<tool_call>\n{"name": "calculator", "arguments": {"choice": "answer", "content": "16"}}\n</tool_call>',
-    '<tool_call>\n{"name": "interact_with_env", "arguments": {"choice": 3, "content": "16"}}\n</tool_call>',
     '<tool_call>\n{"name": "interact_with_env", "arguments": "[answer] 16"}\n</tool_call>'])
 def test_a_malformed_tool_call_ends_the_episode_unless_retry(text):
     env = envs.make_env("function", FUNC)  # the original's rule is the default
@@ -652,14 +651,34 @@ def test_mistakes_that_are_not_malformed_calls_never_end_the_episode():
     env.reset()
     # no tool call at all (the rollout ends that episode, not the env), an unknown choice, empty content, a
     # content the gym refuses: each an error observation, reward 0, and the episode goes on
-    for text in ["I think it is 16.", call("guess", "16"), call("answer", ""), call("search", "the rule"),
-                 call("action", "1 2")]:
+    for text in ["I think it is 16.", call("guess", "16"), call("Answer", "16"), call(3, "16"), call("answer", ""),
+                 call("search", "the rule"), call("action", "1 2"),
+                 call("answer", None).replace(', "content": null', "")]:  # no content at all: as ""
         obs, r, done, info = env.step(text)
         assert obs.startswith("Error") and r == 0 and not done and "end_reason" not in info, text
     assert env.step("I think it is 16.")[3]["missing_tool_call"]
     refused = envs.make_env("search", SEARCH)  # the original's SearchGym refuses an [action] too
     obs, r, done, info = refused.step(call("action", "What do you think?"))
     assert "not allowed" in obs and not done and "end_reason" not in info
+
+
+def test_tool_arguments_are_read_as_strings_as_the_original_tool_reads_them():
+    env = envs.make_env("function", FUNC, show_reward=False)
+    env.reset()
+    obs, r, done, _ = env.step(call("answer", 0))  # a number is its text: "0" is a wrong answer, not an empty one
+    assert r == 0 and not done and "empty" not in obs
+    assert env.step(call("answer", 16))[1:3] == (1.0, True)
+    turtle = envs.make_env("turtle", TURTLE, show_reward=False)  # an unknown choice plays as the gym's default
+    turtle.reset()
+    obs, r, done, info = turtle.step(call("Answer", "Was it raining?"))
+    assert info["choice"] == "Answer" and not obs.startswith("Error") and not done
+
+
+def test_evaluation_runs_only_the_first_call_of_a_turn():
+    env = envs.make_env("intention", INTENT, eval_mode=True)
+    env.reset()
+    obs, r, done, info = env.step(call("action", "Which formats?") + call("action", "Which language?"))
+    assert "calls" not in info and len(env.remaining) == 2 and r == pytest.approx(1.0) and obs == "JPEG only."
 
 
 def test_several_calls_in_one_turn_all_run_and_the_last_reward_counts():
