@@ -348,8 +348,8 @@ class Env:
         raise NotImplementedError
 
     @staticmethod
-    def from_original(record: dict) -> dict:
-        """One original UserRL record as a task in this gym's fields."""
+    def from_original(record: dict) -> dict | None:
+        """One original UserRL record as a task in this gym's fields; None for a record the original skips."""
         raise NotImplementedError
 
     @classmethod
@@ -374,8 +374,9 @@ class Env:
 
     @classmethod
     def read_original(cls, path: Path) -> list[dict]:
-        """Every record of an original file (a JSON array, or JSON lines) converted by `from_original` and
-        checked; TaskDataError names the file and the record."""
+        """Every record of an original file (a JSON array, JSON lines, or an object keyed by record id, whose key
+        becomes the record's "id" unless it has one) converted by `from_original` and checked, less those it
+        skips; TaskDataError names the file and the record."""
         text = path.read_text(encoding="utf-8")
         try:
             records = json.loads(text)
@@ -384,17 +385,22 @@ class Env:
                 records = [json.loads(line) for line in text.splitlines() if line.strip()]
             except json.JSONDecodeError as e:
                 raise TaskDataError(f"{path}: neither a JSON array nor JSON lines ({e})") from None
+        if isinstance(records, dict) and all(isinstance(r, dict) for r in records.values()):  # TurtleGym's file
+            records = [{"id": key, **r} for key, r in records.items()]
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise TaskDataError(f"{path}: expected a JSON array of objects or JSON lines")
-        return [cls.convert(record, f"{path}: record {i}") for i, record in enumerate(records)]
+            raise TaskDataError(f"{path}: expected a JSON array of objects, JSON lines or an object of objects")
+        tasks = [cls.convert(record, f"{path}: record {i}") for i, record in enumerate(records)]
+        return [t for t in tasks if t is not None]
 
     @classmethod
-    def convert(cls, record: dict, where: str) -> dict:
-        """`from_original(record)`, checked; TaskDataError starting with `where` when either fails."""
+    def convert(cls, record: dict, where: str) -> dict | None:
+        """`from_original(record)`, checked (None: skipped); TaskDataError starting with `where` when either fails."""
         try:
             task = cls.from_original(record)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise TaskDataError(f"{where} does not have the original {cls.name} layout ({e!r})") from None
+        if task is None:
+            return None
         try:
             cls.check_task(task)
         except ValueError as e:

@@ -154,7 +154,11 @@ class TurtleGym(Env):
 
     @staticmethod
     def from_original(record):
-        return {"id": record["new_title"], "title": record["new_title"], "surface": record["new_surface"],
+        # The original's file is an object keyed by story id; it plays only the stories its judge accepted.
+        if record.get("judgment", "Yes") != "Yes":
+            return None
+        return {"id": str(record.get("id", record["new_title"])), "title": record["new_title"],
+                "surface": record["new_surface"],
                 "bottom": record["new_bottom"],
                 "criteria": [{"statement": e["statement"], "weight": float(e["score"]), "keywords": []}
                              for e in record["evaluation"]],

@@ -589,9 +589,11 @@ def test_original_dialogue_data_loaders(tmp_path):
 
     write("all_entities_refined.json", [{"id": f"e{i}", "title": "t", "description": "A striped horse.", "goal": "g",
                                          "target_entity": "zebra", "category": "animal"} for i in range(20)])
-    write("all_stories_refined.json", [{"new_title": f"S{i}", "new_surface": "s", "new_bottom": "b",
-                                        "evaluation": [{"statement": "x", "score": 0.7}, {"statement": "y", "score": 0.3}]}
-                                       for i in range(20)])
+    # TurtleGym's file is an object keyed by story id, and the original plays only stories judged "Yes"
+    write("all_stories_refined.json", {str(i): {"new_title": f"S{i}", "new_surface": "s", "new_bottom": "b",
+                                                "judgment": "No" if i == 3 else "Yes", "evaluation": [
+                                                    {"statement": "x", "score": 0.7}, {"statement": "y", "score": 0.3}]}
+                                       for i in range(20)})
     write("all_intentions_train.json", [{"id": "u1", "category": "c", "task": "Do it.", "missing_details": [
         {"description": "d", "importance": "2", "inquiry": "q?", "options": ["a", "b", "c"]}]}])
     write("all_intentions_test.json", [])
@@ -599,8 +601,10 @@ def test_original_dialogue_data_loaders(tmp_path):
     tele = envs.load_tasks("telepathy", "train", data_dir=tmp_path) + envs.load_tasks("telepathy", "test", data_dir=tmp_path)
     assert len(tele) == 20 and len(envs.load_tasks("telepathy", "test", data_dir=tmp_path)) == 2
     assert tele[0]["entity"] == "zebra" and tele[0]["attributes"] == {"yes": [], "no": []}
-    turtle = envs.load_tasks("turtle", "train", data_dir=tmp_path)[0]
-    assert [c["weight"] for c in turtle["criteria"]] == [0.7, 0.3] and turtle["title"] == turtle["id"]
+    turtles = envs.load_tasks("turtle", "train", data_dir=tmp_path) + envs.load_tasks("turtle", "test", data_dir=tmp_path)
+    assert sorted(int(t["id"]) for t in turtles) == [i for i in range(20) if i != 3]
+    turtle = turtles[0]
+    assert [c["weight"] for c in turtle["criteria"]] == [0.7, 0.3] and turtle["title"] == f"S{turtle['id']}"
     intent = envs.load_tasks("intention", "train", data_dir=tmp_path)
     assert intent[0]["missing_details"][0]["importance"] == 2 and envs.load_tasks("intention", "test", data_dir=tmp_path) == []
     assert envs.load_tasks("persuade", "train", data_dir=tmp_path) == []  # one record: it goes to test
