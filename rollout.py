@@ -239,11 +239,14 @@ def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, count
                 if holder.get(prompt) != r:  # unless row r still holds this prompt, it gets it now
                     for key in [k for k, v in holder.items() if v == r]:
                         del holder[key]
-                    if prompt in holder:
-                        copies.append((holder[prompt], r, len(prompt)))
-                    else:
+                    src = holder.get(prompt)
+                    if src is None:
                         fills.append((r, list(prompt), 0))
                         holder[prompt] = r
+                    elif any(f[0] == src for f in fills):  # prefilled in this round: copied after the prefill
+                        copies.append((src, r, len(prompt)))
+                    else:  # copied now: a later admission of this round may take row src and prefill over it
+                        engine.cache.copy_prefix(src, r, len(prompt))
                 cached[i] = len(prompt)
                 starts.append((i, episodes[i].ids[-1:]))
 
@@ -251,7 +254,10 @@ def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, count
             for fut in [f for f, (_, t) in running.items() if f.done() or now - t > cfg.env_timeout]:
                 i, _ = running.pop(fut)
                 ep = episodes[i]
-                obs = _record_step(ep, fut.result() if fut.done() else _timeout(cfg.env_timeout), cfg)
+                outcome = fut.result() if fut.done() else None
+                if outcome is None or outcome[2] > cfg.env_timeout:  # a call found done, late, after a long chunk
+                    outcome = _timeout(cfg.env_timeout)  # is as late as one still running (lockstep's rule)
+                obs = _record_step(ep, outcome, cfg)
                 piece = None if obs is None else observation_ids(tokenizer, wrapper, obs)
                 if piece is not None and _append_observation(ep, piece, cfg):
                     starts.append((i, unfed.pop(i) + piece))

@@ -64,25 +64,27 @@ class ToyEnv(envs.Env):
 
 class Biased(torch.nn.Module):
     """The tiny model with fixed logit biases ({token id: bonus}), e.g. on the end-of-turn token so that random
-    turns end at varied lengths. With `period`, the biases apply only at positions p with (p + 1) % period == 0."""
+    turns end at varied lengths. With `period`, the biases apply only at positions p with (p + 1) % period == 0;
+    `at` ({position: {token id: bonus}}) adds biases for the token sampled at one position only."""
 
-    def __init__(self, model, bias: dict, period: int = 0):
+    def __init__(self, model, bias: dict, period: int = 0, at: dict | None = None):
         super().__init__()
-        self.model, self.bias, self.period = model, bias, period
+        self.model, self.bias, self.period, self.at = model, bias, period, at or {}
         self.config, self.generation_config = model.config, model.generation_config
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0,
                 **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-        on = 1.0
-        if self.period:
-            if position_ids is None:  # a plain forward from position 0
-                position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
-            kept = position_ids[:, position_ids.shape[1] - out.logits.shape[1]:]  # positions whose logits exist
-            on = ((kept + 1) % self.period == 0).float()
+        if position_ids is None:  # a plain forward from position 0
+            position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        kept = position_ids[:, position_ids.shape[1] - out.logits.shape[1]:]  # positions whose logits exist
+        on = ((kept + 1) % self.period == 0).float() if self.period else 1.0
         for token, bonus in self.bias.items():
             out.logits[..., token] += bonus * on
+        for position, biases in self.at.items():  # the logits at position p sample the token at p + 1
+            for token, bonus in biases.items():
+                out.logits[..., token] += bonus * (kept + 1 == position).float()
         return out
 
 
@@ -327,6 +329,36 @@ def test_engine_admits_waiting_episodes_into_freed_rows(tiny, toy):
     assert stats["cache_bytes_copied"] <= sum(eps[2 * g].info["prompt_tokens"] - 1 for g in range(3)) * bpt
     # Allocated once: 2 rows (plus a scratch row) x (longest prompt + the episode budget, plus a scratch column).
     assert stats["cache_bytes"] == 3 * (max(ep.info["prompt_tokens"] for ep in eps) + 8192 + 1) * bpt
+
+
+def test_a_prompt_copied_from_a_row_that_the_same_round_refills(tiny, toy):
+    # Two rows; never an end-of-turn token, so both first episodes are cut by the budget at the same step and free
+    # rows 0 and 1 together. Next round: task 1's sibling takes row 0 and copies task 1's prompt from row 1, then
+    # task 2 takes row 1 and prefills its own prompt there. The copy must read row 1 before that prefill.
+    model, tok = tiny
+    policy = Biased(model, {tok.eos_token_id: -1e4})
+    tasks = [("toy", task(0)), ("toy", task(1)), ("toy", task(1)), ("toy", task(2))]
+    torch.manual_seed(0)
+    eps = rollout.rollout(policy, tok, tasks, 1, cfg(max_rows=2, max_episode_tokens=16))
+    assert [ep.info["end_reason"] for ep in eps] == ["budget"] * 4
+    assert_logprobs_exact(policy, eps)
+
+
+def test_an_env_call_found_done_after_its_timeout_times_out(tiny, toy):
+    # Episode 0 ends its turn at once and its user takes 0.3 s, past env_timeout 0.2 s; episode 1 decodes 1,200
+    # tokens in chunks of 600 steps, so the engine first looks at episode 0's call after it has finished, late.
+    model, tok = tiny
+    tasks = [("toy", task(0, turns=1, delay=0.3)), ("toy", task(1, turns=1))]
+    env = envs.make_env("toy", tasks[0][1])
+    prompt = len(rollout.render_ids(tok, rollout.prompt_messages(env), add_generation_prompt=True))
+    policy = Biased(model, {tok.eos_token_id: -1e4}, at={prompt + 4: {tok.eos_token_id: 2e4}})
+    runs = {}
+    for schedule in ("engine", "lockstep"):
+        torch.manual_seed(0)
+        runs[schedule] = rollout.rollout(policy, tok, tasks, 1, cfg(schedule=schedule, env_timeout=0.2,
+                                                                    sync_every=600, max_new_tokens=1200))
+        assert [ep.info["end_reason"] for ep in runs[schedule]] == ["env_timeout", "done"], schedule
+        assert runs[schedule][0].failed
 
 
 def test_engine_user_failure_while_other_rows_decode(tiny, toy):
