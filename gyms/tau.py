@@ -389,14 +389,20 @@ def tools_text() -> str:
     return ("Tools (call one with [answer] {\"name\": ..., \"arguments\": {...}}):\n" + "\n".join(lines))
 
 
+HELP = ("Each turn, call interact_with_env with one choice: search with \"tools\" lists the store's tools (or "
+        "\"help\" shows this); action sends a message to the customer; answer calls one tool, written as "
+        "{\"name\": <tool>, \"arguments\": {...}}. Work out which tool settles the customer's request, then what "
+        "its arguments need, and get each from another tool or by asking the customer.")
+
+
 def parse_tool_call(content: str):
-    """(name, arguments) from `{"name": ..., "arguments": {...}}` or `name {...}` / `name: {...}`; raises
-    ValueError naming the problem."""
+    """(name, arguments) from `{"name": ..., "arguments": {...}}` or `name: {...}`; raises ValueError naming the
+    problem."""
     content = content.strip()
-    m = re.match(r"^([A-Za-z_]\w*)\s*:?\s*(\{.*\})?\s*$", content, re.S)
+    m = re.match(r"^([A-Za-z_]\w*)\s*:\s*(\{.*\})\s*$", content, re.S)  # the colon and arguments: as the original
     try:
         if m and content[0] != "{":
-            return m.group(1), json.loads(m.group(2) or "{}")
+            return m.group(1), json.loads(m.group(2))
         call = json.loads(content)
     except (ValueError, RecursionError):
         raise ValueError('the tool call is not valid JSON; write {"name": "<tool>", "arguments": {...}}') from None
@@ -675,8 +681,11 @@ class RetailSession:
         return text
 
     def tools(self, query: str):
-        if "tool" not in query.lower():
-            return "Search here only lists the tools: use [search] tools.", 0.0, False
+        query = query.strip().lower()
+        if query == "help":
+            return HELP, 0.0, False
+        if query != "tools":  # exactly, as the original
+            return 'Search takes "tools" (the list of tools) or "help" (how to play) only.', 0.0, False
         if self.tools_shown:
             return "The tools were already listed above.", 0.0, False
         self.tools_shown = True

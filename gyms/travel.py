@@ -653,7 +653,7 @@ class TravelSession:
                              mode=mode, question=question, hint=hint)
 
     def answer(self, content: str):
-        tokens = [t.upper() for t in re.split(r"[,\s]+", content.strip()) if t]
+        tokens = [t for t in re.split(r"[,\s]+", content.strip()) if t]  # case matters, as in the original
         bad = [t for t in tokens if not ID_RE.fullmatch(t)]
         if bad or not tokens or len(tokens) > len(ASPECTS):
             shown = f"{bad[0][:30]!r} is not an option id" if bad else "give one option id per aspect"

@@ -103,11 +103,16 @@ def test_function_refusals_and_undefined_values():
     env = envs.make_env("function", {"id": "g", "rule": "a / (b - c) + d ** 2", "test_case": [1, 3, 2, 1],
                                      "expected_result": 2.0}, show_reward=False)
     env.reset()
+    # As the original: search is exactly "test", an answer is one number and nothing else (its float()), and
+    # queries read numbers as its -?\d+\.?\d* does ("1e1" is 1 and 1)
     for text, error in [("[action] 1 3 2 1", "test case itself"), ("[action] 1 2 3", "exactly four"),
-                        ("[search] the rule", 'only "test"'), ("[answer] 1 or 2", "exactly one"),
-                        ("[action] 1e999 1 1 1", "finite")]:
+                        ("[search] the rule", 'only "test"'), ("[search] test.", 'only "test"'),
+                        ("[answer] 1 or 2", "one number and nothing else"),
+                        ("[answer] The answer is 2", "one number and nothing else"),
+                        ("[action] " + "9" * 400 + " 1 1 1", "finite")]:
         obs, reward, done, info = env.step(text)
         assert error in obs and reward == 0 and not done and info["error"], text
+    assert "For numbers [1, 1, 2, 2]" in env.step("[action] 1e1 2 2")[0]
     assert "undefined" in env.step("[action] 1 2 2 1")[0]
     assert env.step("[action] 1 2 2 1")[3].get("error") is None  # an undefined value is an answer, not an error
     assert "the result is 0.3333." in env.step("[action] 1 5 2 0")[0]

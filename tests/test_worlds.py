@@ -268,7 +268,9 @@ def play_tau(task, actions):
         found = s.call(tool("find_user_id_by_name_zip", first_name=c["first_name"], last_name=c["last_name"],
                             zip=c["zip"]))[0]
     assert found == task["user_id"]
-    assert "find_user_id_by_email" in s.tools("tools")[0] and "already" in s.tools("tools")[0]
+    # As the original: search takes exactly "tools" (listed once) or "help"
+    assert "only" in s.tools("show me the tools please")[0] and "answer calls one tool" in s.tools("help")[0]
+    assert "find_user_id_by_email" in s.tools("tools")[0] and "already" in s.tools(" Tools ")[0]
     for a in actions:
         assert not s.call(json.dumps(a))[0].startswith("Error")
     keys = [r.get("order_id") or "address" for r in c["requests"]]
@@ -363,6 +365,9 @@ def test_tau_tool_errors_never_raise(tau_tasks):
         assert obs.startswith("Error") and r == 0.0 and not done
     call = ("get_order_details", {"order_id": "#R1"})
     assert tau.parse_tool_call('get_order_details: {"order_id": "#R1"}') == call
+    for loose in ['get_order_details {"order_id": "#R1"}', "list_all_product_types"]:  # the original wants "name: {}"
+        with pytest.raises(ValueError):
+            tau.parse_tool_call(loose)
     assert tau.parse_tool_call('{"name": "get_order_details", "arguments": "{\\"order_id\\": \\"#R1\\"}"}') == call
 
 
