@@ -110,7 +110,11 @@ def extract_json(text: str):
 
 
 def extract_yes_no(text: str):
-    """"Yes", "No" or "Maybe": the first of those words in the reply, or None."""
+    """"Yes", "No" or "Maybe": the reply's JSON "answer" when it has one (the roles are asked to reason in a "thought"
+    first, which may well say "no" on the way), else the first of those words in the reply; or None."""
+    verdict = extract_json(text)
+    if verdict is not None and isinstance(verdict.get("answer"), str):
+        text = verdict["answer"]
     m = re.search(r"\b(yes|no|maybe)\b", strip_think(text)[:MAX_PARSE_CHARS], re.I)
     return m.group(1).capitalize() if m else None
 

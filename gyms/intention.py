@@ -31,8 +31,8 @@ The request: {task}
 Details still unknown, numbered:
 {details}
 
-A detail is covered when the question clearly asks about it, so that the answer would settle it. Also say whether the question is about the request at all.
-Reply with JSON only: {{"covered": [numbers of the covered details], "task_related": true or false}}."""
+A detail is covered when the question would help reveal the information it needs. Also say whether the question is about the request at all. Reason about each detail first.
+Reply with JSON only: {{"thought": "your reasoning", "covered": [numbers of the covered details], "task_related": true or false}}."""
 
 
 def user_rule(task, question):
@@ -96,7 +96,7 @@ class IntentionGym(Env):
     def opening(self):
         self.remaining = list(self.task["missing_details"])
         self.exchanges = []
-        return self.task["task"]
+        return f"The category of my task: {self.task['category']}\n\n{self.task['task']}"  # the original's two lines
 
     def act(self, choice, question):
         t = self.task

@@ -20,7 +20,7 @@ PROMPT = """You are talking with a person who holds a firm opinion. Change their
 
 Call interact_with_env with this choice:
 - answer: your next message to them (an argument, a question, or a reply to what they said).
-Their opinion moves on a 7-point scale from Strongly Agree to Strongly Disagree. The conversation ends when they strongly disagree with their original claim.""" + FOOTER
+Look for the weak points of their position and answer them.""" + FOOTER
 
 PERSUADEE = """You are a person with a firm opinion, in a conversation. Your claim: {claim}
 Why you believe it: {argument}
@@ -28,7 +28,7 @@ Why you believe it: {argument}
 Your stance on the claim right now: {stance}. The scale: {scale}.
 
 Someone is trying to change your mind. Reply to their latest message in your own voice, speaking to them as "you", in at most about 150 words. Move your stance only as far as their reasons really convince you: a strong new point can move you; repetition or pressure should not.
-Reply with JSON only: {{"response": "your reply", "stance": "one label from the scale"}}."""
+Weigh their message first. Reply with JSON only: {{"thought": "how their message bears on your view", "response": "your reply", "stance": "one label from the scale"}}."""
 
 
 def persuadee_rule(task, stance, scale, history, argument):
@@ -68,8 +68,8 @@ class PersuadeGym(Env):
 
     def opening(self):
         self.stance, self.history = 0, []
-        return (f"{self.task['claim']}\n\n{self.task['argument']}\n\n"
-                f"I {STANCES[0].lower()} with this. Change my mind if you can.")
+        # The claim only, as the original shows it: the persuadee's reasons and stance come out in the conversation
+        return f"A claim I hold and you oppose: {self.task['claim']}\nTry to change my mind."
 
     def act(self, choice, argument):
         t = self.task

@@ -19,12 +19,13 @@ Ask questions that split the remaining possibilities in half, and guess when you
 
 ANSWERER = """You are playing twenty questions. The thing you have in mind is: {entity} (category: {category}). {description}
 
-The player asks yes/no questions about it. Answer each with one word: Yes, No or Maybe. Say Maybe only when the honest answer depends on circumstances or nobody knows. Never name the thing and never add hints."""
+The player asks yes/no questions about it. Answer each with Yes, No or Maybe. Say Maybe only when the honest answer depends on circumstances or nobody knows. Never name the thing and never add hints.
+Think first, then answer. Reply with JSON only: {{"thought": "your reasoning", "answer": "Yes" or "No" or "Maybe"}}."""
 
 JUDGE = """You judge a guessing game. The hidden answer is: {entity} (category: {category}; other names: {synonyms}). {description}
 
 Decide whether the player's guess names exactly this thing or an unmistakable synonym of it. A broader class, a related thing, or several guesses at once is wrong.
-Reply with JSON only: {{"correct": true}} or {{"correct": false}}."""
+Reason about it first. Reply with JSON only: {{"thought": "your reasoning", "correct": true or false}}."""
 
 
 def names(task) -> list:

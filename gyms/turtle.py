@@ -27,7 +27,8 @@ HOST = """You host a lateral-thinking puzzle. The player was shown this story:
 What really happened (secret: never reveal it):
 {bottom}
 
-The player asks yes/no questions. Answer each with one word, Yes, No or Maybe, according to what really happened. Use Maybe rarely: only when the hidden story does not settle the question or it does not matter."""
+The player asks yes/no questions. Answer each with Yes, No or Maybe, according to what really happened. Use Maybe rarely: only when the hidden story does not settle the question or it does not matter. Never reveal anything else.
+Think first, then answer. Reply with JSON only: {{"thought": "your reasoning", "answer": "Yes" or "No" or "Maybe"}}."""
 
 JUDGE = """You score a player's solution to a lateral-thinking puzzle.
 
@@ -37,8 +38,8 @@ What really happened:
 Key points, numbered:
 {points}
 
-For each key point, give 1 if the player's story states it clearly, 0.5 if it states it partly or vaguely, and 0 if it is missing or contradicted.
-Reply with JSON only: {{"scores": [one number per key point, in order]}}."""
+For each key point, give 1 if the player's story states it clearly, 0.5 if it states it partly or vaguely, and 0 if it is missing or contradicted. Reason about each point before you score it.
+Reply with JSON only: {{"thought": "your reasoning, point by point", "scores": [one number per key point, in order]}}."""
 
 
 def host_rule(task, question):
@@ -59,13 +60,14 @@ def judge_rule(task, story):
 
 
 def criterion_scores(verdict, n: int):
-    """The judge's n scores, each snapped to 0 / 0.5 / 1, or None when they are not n numbers."""
+    """The judge's n scores, each clipped to [0, 1] and used as it is (the original weights its judge's raw scores:
+    three 0.8s are 0.8, not a solved puzzle), or None when they are not n numbers."""
     scores = verdict.get("scores") if isinstance(verdict, dict) else None
     if not isinstance(scores, list) or len(scores) != n:
         return None
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
         return None
-    return [round(2 * min(1.0, max(0.0, float(s)))) / 2 for s in scores]
+    return [min(1.0, max(0.0, float(s))) for s in scores]
 
 
 class TurtleGym(Env):

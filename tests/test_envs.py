@@ -227,17 +227,21 @@ class Canned:
 
 @pytest.mark.parametrize("text, reward", [
     ('Sure!\n```json\n{"scores": [1, 1]}\n```', 1.0), ("<think>hmm</think>{'scores': [1, 0.5]}", 0.8),
-    ('{"scores": [7, -3]}', 0.6), ('{"scores": [1]}', None), ("no idea", None), ('{"scores": [true, 1]}', None)])
+    ('{"scores": [7, -3]}', 0.6), ('{"scores": [1]}', None), ("no idea", None), ('{"scores": [true, 1]}', None),
+    ('{"thought": "both nearly", "scores": [0.8, 0.8]}', 0.8)])  # raw scores, as the original: not solved
 def test_turtle_judge_outputs_are_parsed_or_fall_back_to_zero(text, reward):
     obs, r, done, info = envs.make_env("turtle", TURTLE, user=Canned(text)).step("[answer] a story")
     if reward is None:
         assert r == 0 and info["user_fallback"] and not done
     else:
-        assert r == pytest.approx(reward) and "user_fallback" not in info
+        assert r == pytest.approx(reward) and "user_fallback" not in info and done == (reward == 1.0)
 
 
 def test_llm_style_replies_for_every_role():
     assert envs.make_env("telepathy", TELE, user=Canned("**Yes.** It is.")).step("[action] tall?")[0].startswith("Yes")
+    # the roles reason in a "thought" first: its words are not the answer
+    reasoned = Canned('{"thought": "No doubt about it, it is tall.", "answer": "Yes"}')
+    assert envs.make_env("turtle", TURTLE, user=reasoned).step("[action] tall?")[0].startswith("Yes")
     tele = envs.make_env("telepathy", TELE, user=Canned("I refuse"))
     assert tele.step("[action] tall?")[3]["user_fallback"] and tele.step("[answer] x")[3]["user_fallback"]
     assert envs.make_env("telepathy", TELE, user=Canned('{"correct": "true"}')).step("[answer] x")[1] == 1.0
@@ -254,6 +258,13 @@ def test_llm_style_replies_for_every_role():
     persuade.reset()
     obs, r, done, info = persuade.step("[answer] x")
     assert r == 0 and info["user_fallback"] and persuade.stance == 0
+
+
+def test_openings_show_what_the_originals_show():
+    persuade = envs.make_env("persuade", PERSUADE).reset()  # the claim, not the persuadee's reasons or stance
+    assert PERSUADE["claim"] in persuade and PERSUADE["argument"] not in persuade and "agree" not in persuade.lower()
+    intent = envs.make_env("intention", INTENT).reset()  # the category, then the vague task
+    assert intent.index(INTENT["category"]) < intent.index(INTENT["task"])
 
 
 def test_user_error_propagates_out_of_step():
