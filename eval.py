@@ -350,7 +350,8 @@ def run(cfg: EvalConfig) -> dict:
     tasks = select_tasks(split_gyms(cfg.gyms) or list(envs.GYMS), cfg.split, cfg.tasks, cfg.data_dir)
     wanted = {(g, t.get("id"), p) for p in range(cfg.passes) for g, t in tasks}
     existing = read_records(path)
-    if existing:  # rewritten without a line an interruption cut off; records of other selections stay
+    if path.exists():  # rewritten without a line an interruption cut off (even when it is the only one, else the
+        # next record would be glued onto it); records of other selections stay
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in existing), encoding="utf-8")
     kept = [r for r in existing if (r["gym"], r["task_id"], r["pass"]) in wanted]
     done = {(r["gym"], r["task_id"], r["pass"]) for r in kept}

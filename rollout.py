@@ -630,7 +630,8 @@ def _reset_all(pool, episodes, env_list, cfg):
 
 def tool_call_text(message: dict) -> str:
     """An OpenAI assistant message as the text the env parses: content, then each tool call as the Qwen template
-    writes it (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`); the env executes the last one."""
+    writes it (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`); the env runs them in order
+    (in evaluation the first only, see envs.Env._play)."""
     text = message.get("content") or ""
     for call in message.get("tool_calls") or []:
         f = call.get("function", call)
@@ -639,14 +640,18 @@ def tool_call_text(message: dict) -> str:
     return text
 
 
-def _observation_messages(message: dict, obs: str) -> list:
+def _observation_messages(message: dict, obs: str, first_only: bool) -> list:
     """The env's reply as the messages an OpenAI-compatible server accepts after `message`: one `tool` message per
-    tool call id (only the last call is executed, as in the original), or a `user` message when there was none."""
+    tool call id, or a `user` message when there was none. With `first_only` (evaluation, where the env runs a
+    turn's first call only, as the original's eval.py) the first call gets the reply; otherwise every call ran, in
+    order, and the last one gets the reply of them all."""
     calls = message.get("tool_calls") or []
     if not calls:
         return [{"role": "user", "content": obs}]
-    skipped = "Not executed: only the last tool call of a turn is executed."
-    return [{"role": "tool", "tool_call_id": c.get("id"), "content": obs if k == len(calls) - 1 else skipped}
+    answered = 0 if first_only else len(calls) - 1
+    other = ("Not executed: only the first tool call of a turn is executed." if first_only else
+             "Executed; the replies of this turn's calls are in its last tool message.")
+    return [{"role": "tool", "tool_call_id": c.get("id"), "content": obs if k == answered else other}
             for k, c in enumerate(calls)]
 
 
@@ -691,7 +696,7 @@ def _rollout_http(agent, tasks, group_size: int, cfg: RolloutConfig, user, stats
             for (ep, _, _), message in zip(items, sent):
                 if ep.messages[-1]["role"] == "tool":  # _step_all appended the observation as a tool message
                     obs = ep.messages.pop()["content"]
-                    ep.messages += _observation_messages(message, obs)
+                    ep.messages += _observation_messages(message, obs, cfg.eval_mode)
             live = [i for i in live if "end_reason" not in episodes[i].info]
             bar.update(1)
             bar.set_postfix(live=len(live))

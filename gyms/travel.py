@@ -663,9 +663,19 @@ class TravelSession:
         lines, reward, recorded = [], 0.0, []
         for oid in tokens:
             aspect = next((a for a in self.aspects.values() if any(o["id"] == oid for o in a["options"])), None)
-            if aspect is None:
-                lines.append(f"{oid} is not among the options of this trip.")
-            elif aspect["aspect"] in self.chosen:
+            if aspect is None:  # as the original: a well-formed id it does not know is a wrong choice for its aspect
+                aspect = next((a for a in self.aspects.values() if ASPECTS[a["aspect"]].letter == oid[0]), None)
+                if aspect is None:
+                    lines.append(f"{oid} is not among the options of this trip, which has no such part.")
+                    continue
+                if aspect["aspect"] not in self.chosen:
+                    self.chosen[aspect["aspect"]] = (oid, 0.0)
+                    recorded.append(aspect["aspect"])
+                    self.remaining = [p for p in self.remaining if not p["id"].startswith(aspect["aspect"] + ".")]
+                    lines.append(f"{oid} is not among the options of this trip: a wrong choice for the "
+                                 f"{aspect['aspect']}, which is now closed.")
+                    continue
+            if aspect["aspect"] in self.chosen:
                 # As the original: the answer stops at this id and earns nothing; the ids before it stay chosen,
                 # worth 0 in the score as well (the original's metric reads this turn's reward, 0).
                 for name in recorded:

@@ -88,6 +88,10 @@ def test_resume_plays_only_the_missing_episodes(tmp_path, capsys):
     assert again == first
     run(*args, "--resume", "true")
     assert "0 episodes to play (4 already in" in capsys.readouterr().out
+    # Cut off during the very first write: the fragment alone is dropped, not glued to the next record.
+    path.write_text(lines[0][:20])
+    assert run(*args, "--resume", "true") == first
+    assert [json.loads(line) for line in path.read_text().splitlines()] and len(path.read_text().splitlines()) == 4
 
 
 def test_table_prints_a_row_per_run(tmp_path, capsys):

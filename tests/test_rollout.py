@@ -693,6 +693,17 @@ def test_the_agent_loop_passes_each_agent_its_env(toy):
     assert envs.parse_action(toy[1].seen[0]).content == "toy-1"
 
 
+def test_an_http_agent_is_told_which_of_its_calls_ran():
+    # Training runs every call of a turn (the last call's message carries the replies); evaluation only the first.
+    message = {"role": "assistant", "tool_calls": [{"id": "a"}, {"id": "b"}]}
+    ran_all = rollout._observation_messages(message, "obs", first_only=False)
+    assert [m["tool_call_id"] for m in ran_all] == ["a", "b"] and ran_all[1]["content"] == "obs"
+    assert ran_all[0]["content"].startswith("Executed")
+    first = rollout._observation_messages(message, "obs", first_only=True)
+    assert first[0]["content"] == "obs" and first[1]["content"].startswith("Not executed")
+    assert rollout._observation_messages({"role": "assistant"}, "obs", True) == [{"role": "user", "content": "obs"}]
+
+
 def test_http_agent_rollout_and_transcripts(toy, tiny, tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), AgentServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -183,6 +183,12 @@ def test_travel_answer_errors_and_one_choice_per_aspect():
     obs, r, _ = s.answer(f"{b['best_id']}, {a['best_id']}, {second_correct}")
     assert r == 0.0 and "earns nothing" in obs and s.chosen[a["aspect"]] == (a["best_id"], 0.0)
     assert s.score() == 0.0 and b["aspect"] in s.chosen
+    # As the original: a well-formed id that is not an option is a wrong choice for its aspect, which it closes.
+    s = travel.TravelSession(task, Rules())
+    unknown = a["best_id"][0] + "99999"
+    obs, r, _ = s.answer(unknown)
+    assert r == 0.0 and "wrong choice" in obs and s.chosen[a["aspect"]] == (unknown, 0.0)
+    assert s.answer(a["best_id"])[1] == 0.0 and s.score() == 0.0
 
 
 def test_travel_judge_and_llm_traveller_see_the_conversation_so_far():
