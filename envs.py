@@ -204,10 +204,10 @@ class Env:
       `info["end_reason"] = "malformed_call"`; "retry" answers it with an error observation and goes on.
 
     `step`'s info: `turn`; `choice` (of the turn's last call); `calls` when a turn held several (all run, in order,
-    their observations joined by a blank line, the turn's reward the last one's; in eval_mode only the first runs); `error`, `missing_tool_call`,
-    `malformed_call` on a mistake; `end_reason` when the env itself ends the episode early ("malformed_call");
-    `truncated` at the turn limit; `user_fallback` when a user's reply could not be read; and the gym's own
-    (`score` in turtle, `covered` in intention, `stance` in persuade)."""
+    their observations joined by a blank line, the turn's reward the last one's; in eval_mode only the first runs);
+    `error`, `missing_tool_call`, `malformed_call` on a mistake; `end_reason` when the env itself ends the episode
+    early ("malformed_call"); `truncated` at the turn limit; `user_fallback` when a user's reply could not be read;
+    and the gym's own (`score` in turtle, `covered` in intention, `stance` in persuade)."""
 
     name = "base"
     choices = ("action", "search", "answer")

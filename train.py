@@ -650,9 +650,11 @@ def episode_metrics(episodes: list, scores: list, advantages: list, groups: list
     for g, s in zip(groups, scores):
         by_group.setdefault(g, []).append(s)
     ok = [r for r in rows if not r["failed"]]
+    # A group has no spread when its scores are equal, as rewards._normalise decides (np.std of 7 scores of 0.1 is
+    # 1.4e-17, not 0, so such a group would not count)
     local = {"rows": rows, "scores": [(r["gym"], s) for r, s in zip(ok, scores)],
-             "advs": [x for a in advantages for x in a], "zero_std": [float(max(v) == min(v)) for v in by_group.values()]}  # as rewards._normalise decides
-    # (np.std of 7 equal scores of 0.1 is 1.4e-17, not 0: such a group has no spread but would not count)
+             "advs": [x for a in advantages for x in a],
+             "zero_std": [float(max(v) == min(v)) for v in by_group.values()]}
     every = distributed.gather(local)
     rows, scores, advs, zero = ([x for r in every for x in r[key]] for key in ("rows", "scores", "advs", "zero_std"))
     ok = [r for r in rows if not r["failed"]]

@@ -617,7 +617,7 @@ def test_original_dialogue_data_loaders(tmp_path):
     tele = envs.load_tasks("telepathy", "train", data_dir=tmp_path) + envs.load_tasks("telepathy", "test", data_dir=tmp_path)
     assert len(tele) == 20 and len(envs.load_tasks("telepathy", "test", data_dir=tmp_path)) == 2
     assert tele[0]["entity"] == "zebra" and tele[0]["attributes"] == {"yes": [], "no": []}
-    turtles = envs.load_tasks("turtle", "train", data_dir=tmp_path) + envs.load_tasks("turtle", "test", data_dir=tmp_path)
+    turtles = [t for split in ("train", "test") for t in envs.load_tasks("turtle", split, data_dir=tmp_path)]
     assert sorted(int(t["id"]) for t in turtles) == [i for i in range(20) if i != 3]
     turtle = turtles[0]
     assert [c["weight"] for c in turtle["criteria"]] == [0.7, 0.3] and turtle["title"] == f"S{turtle['id']}"
