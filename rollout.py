@@ -633,25 +633,32 @@ def tool_call_text(message: dict) -> str:
     writes it (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`); the env runs them in order
     (in evaluation the first only, see envs.Env._play)."""
     text = message.get("content") or ""
+    if message.get("reasoning_content"):  # a served reasoning model's thinking, as the template would show it
+        text = f"<think>\n{message['reasoning_content']}\n</think>\n\n{text}"
     for call in message.get("tool_calls") or []:
         f = call.get("function", call)
-        call_json = json.dumps({"name": f.get("name"), "arguments": f.get("arguments")})
+        args = f.get("arguments")
+        if isinstance(args, str):  # the OpenAI API sends the arguments as a JSON string: written once, as an object
+            try:
+                args = json.loads(args)
+            except ValueError:
+                pass
+        call_json = json.dumps({"name": f.get("name"), "arguments": args})
         text += "\n<tool_call>\n" + call_json + "\n</tool_call>"
     return text
 
 
 def _observation_messages(message: dict, obs: str, first_only: bool) -> list:
     """The env's reply as the messages an OpenAI-compatible server accepts after `message`: one `tool` message per
-    tool call id, or a `user` message when there was none. With `first_only` (evaluation, where the env runs a
-    turn's first call only, as the original's eval.py) the first call gets the reply; otherwise every call ran, in
-    order, and the last one gets the reply of them all."""
+    tool call id, or a `user` message when there was none. The first call's message holds the reply: with
+    `first_only` (evaluation, where the env runs a turn's first call only, as the original's eval.py) it is that
+    call's, otherwise every call ran, in order, and it holds the replies of them all (sft.turns_of reads it there)."""
     calls = message.get("tool_calls") or []
     if not calls:
         return [{"role": "user", "content": obs}]
-    answered = 0 if first_only else len(calls) - 1
     other = ("Not executed: only the first tool call of a turn is executed." if first_only else
-             "Executed; the replies of this turn's calls are in its last tool message.")
-    return [{"role": "tool", "tool_call_id": c.get("id"), "content": obs if k == answered else other}
+             "Executed; the replies of this turn's calls are in its first tool message.")
+    return [{"role": "tool", "tool_call_id": c.get("id"), "content": obs if k == 0 else other}
             for k, c in enumerate(calls)]
 
 

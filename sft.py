@@ -83,8 +83,10 @@ def function_call_text(value: str, where: str) -> str:
 
 def read_sft_data(path: str, min_score: float | None = None) -> list[dict]:
     """Conversations from episodes.jsonl (eval.py's lines) or ShareGPT records (a JSON array or JSON lines), each
-    {"messages", "gym", "score", "where"}. Failed episodes are dropped; with `min_score`, so are episodes scoring
-    below it (a record without a score, such as ShareGPT's, is then an error: it cannot be filtered)."""
+    {"messages", "gym", "score", "where"}. Failed episodes are dropped, and so are episodes the budget cut short
+    (their last turn is half a turn); with `min_score`, so are episodes scoring below it. A record without a score,
+    such as ShareGPT's, passes a min_score of 0 or less (no episode scores below 0 in these gyms) and is an error
+    above it: it cannot be filtered."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -109,7 +111,7 @@ def read_sft_data(path: str, min_score: float | None = None) -> list[dict]:
     for rec, w in zip(records, where):
         if not isinstance(rec, dict):
             raise SFTDataError(f"{w}: expected a JSON object")
-        if rec.get("failed"):
+        if rec.get("failed") or rec.get("end_reason") == "budget":
             continue
         if "messages" in rec:
             messages = rec["messages"]
@@ -122,7 +124,7 @@ def read_sft_data(path: str, min_score: float | None = None) -> list[dict]:
             raise SFTDataError(f"{w}: neither an episode (field 'messages') nor a ShareGPT record (field "
                                "'conversations')")
         score = rec.get("score")
-        if min_score is not None:
+        if min_score is not None and (min_score > 0 or isinstance(score, (int, float))):
             if not isinstance(score, (int, float)):
                 raise SFTDataError(f"{w}: --sft_min_score needs a score on every record and this one has none")
             if score < min_score:
@@ -146,8 +148,8 @@ def turns_of(messages: list, where: str = "conversation") -> tuple[list, list]:
             turns.append([rollout_lib.tool_call_text(m), None])
         elif not turns:
             raise SFTDataError(f"{where}: a second {m['role']!r} message before the first assistant turn")
-        else:
-            turns[-1][1] = m.get("content") or ""  # the last reply before the next assistant turn
+        elif turns[-1][1] is None:  # the first reply after a turn: with several tool calls, the one holding the
+            turns[-1][1] = m.get("content") or ""  # env's reply (rollout._observation_messages)
     if not turns:
         raise SFTDataError(f"{where}: no assistant turn")
     return messages[:2], [tuple(t) for t in turns]
@@ -204,7 +206,8 @@ def length_batches(lengths: list[int], batch_size: int, rng: random.Random, wind
 
 def lr_at(step: int, total: int, base_lr: float, warmup: float) -> float:
     """The learning rate of optimizer step `step` (0-based) of `total`: linear warm-up over the first `warmup`
-    fraction of the steps, then cosine decay to 0 (LLaMA-Factory's cosine schedule, warm-up ratio 0.1)."""
+    fraction of the steps, then cosine decay to 0 (LLaMA-Factory's cosine schedule, warm-up ratio 0.1, one step
+    earlier: its first step has learning rate 0, ours 1 / n_warm of the peak)."""
     n_warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
     if step < n_warm:
         return base_lr * (step + 1) / n_warm

@@ -181,14 +181,20 @@ class ScriptedUser:
 # OpenAI-compatible HTTP endpoint (vLLM, SGLang, OpenAI, ...)
 
 
+def shown(text: str, secret: str = "", n: int = 200) -> str:
+    """A reply body for an error message: the secret masked first, then cut to n characters (cut first, a key that
+    straddles the cut would leave its first characters in the message)."""
+    return repr((text.replace(secret, "***") if secret else text)[:n])
+
+
 def post_with_retries(post, url: str, body: dict, headers: dict, *, timeout: float, max_retries: int,
-                      backoff: float, read, fail, where: str = ""):
+                      backoff: float, read, fail, where: str = "", secret: str = ""):
     """POST `body` as JSON to `url` with `post` (requests.post or a Session's) and return `read(response)` of a
     200 reply. Timeouts, connection errors, 429, 5xx and a reply that `read` finds malformed (it returns None)
     are retried after `backoff` seconds, doubling each time (longer when a Retry-After header asks, up to 60 s);
     any other status is final. Every failure raises `fail(message, reason)`, the caller's error with its key hidden
-    (`reason`: a REASONS code); `where` names the endpoint in messages (default: the url). Shared by HTTPUser and
-    search.SerperSearch."""
+    (`reason`: a REASONS code); `where` names the endpoint in messages (default: the url); `secret`, the key, is
+    masked in the reply bodies quoted. Shared by HTTPUser and search.SerperSearch."""
     where = where or url
     attempts = max_retries + 1
     for attempt in range(attempts):
@@ -201,17 +207,17 @@ def post_with_retries(post, url: str, body: dict, headers: dict, *, timeout: flo
             problem, reason = f"connection failed ({type(e).__name__})", "connection"
         else:
             if r.status_code == 429 or r.status_code >= 500:
-                problem, reason = f"HTTP {r.status_code}: {r.text[:200]!r}", f"http_{r.status_code}"
+                problem, reason = f"HTTP {r.status_code}: {shown(r.text, secret)}", f"http_{r.status_code}"
                 retry_after = r.headers.get("Retry-After", "")
                 if retry_after.isdigit():
                     wait = max(wait, min(float(retry_after), 60.0))
             elif r.status_code != 200:  # 400, 401, 404...: asking again will not help
-                raise fail(f"{where}: HTTP {r.status_code}: {r.text[:300]!r}", f"http_{r.status_code}")
+                raise fail(f"{where}: HTTP {r.status_code}: {shown(r.text, secret, 300)}", f"http_{r.status_code}")
             else:
                 result = read(r)
                 if result is not None:
                     return result
-                problem, reason = f"malformed response: {r.text[:200]!r}", _malformed_reason(r)
+                problem, reason = f"malformed response: {shown(r.text, secret)}", _malformed_reason(r)
         if attempt + 1 < attempts:
             time.sleep(wait)
     raise fail(f"{where}: {problem} (gave up after {attempts} attempts)", reason)
@@ -296,11 +302,13 @@ class HTTPUser(HTTPSettings):
         except requests.RequestException as e:
             raise self._fail(f"cannot reach {url} ({type(e).__name__}): is the server running?", "connection") from None
         if r.status_code != 200:
-            raise self._fail(f"{url} answered HTTP {r.status_code}: {r.text[:200]!r}", f"http_{r.status_code}")
+            raise self._fail(f"{url} answered HTTP {r.status_code}: {shown(r.text, self._key())}",
+                             f"http_{r.status_code}")
         try:
             served = [m["id"] for m in r.json()["data"]]
         except (ValueError, KeyError, TypeError):
-            raise self._fail(f"{url} did not answer with a model list: {r.text[:200]!r}", "malformed_json") from None
+            raise self._fail(f"{url} did not answer with a model list: {shown(r.text, self._key())}",
+                             "malformed_json") from None
         if self.model not in served:
             raise self._fail(f"{url} does not serve {self.model!r}; it serves {served[:20]}", "other")
         return served
@@ -318,7 +326,7 @@ class HTTPUser(HTTPSettings):
         with self._slots:  # held through the backoff too, so a struggling server gets fewer requests, not more
             return post_with_retries(self._local.session.post, self.url, body, headers, timeout=self.timeout,
                                      max_retries=self.max_retries, backoff=self.backoff, read=_assistant_message,
-                                     fail=self._fail)
+                                     fail=self._fail, secret=self._key())
 
     def reply(self, messages: list) -> str:
         content = self.complete(messages).get("content")

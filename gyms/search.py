@@ -309,13 +309,15 @@ class SerperSearch:
         headers = {"X-API-KEY": os.environ.get(self.api_key_env, ""), "Content-Type": "application/json"}
         return users.post_with_retries(requests.post, self.url, {"q": query, "num": self.k}, headers,
                                        timeout=self.timeout, max_retries=self.max_retries, backoff=self.backoff,
-                                       read=self._read, fail=self._fail, where=f"search API at {self.url}")
+                                       read=self._read, fail=self._fail, where=f"search API at {self.url}",
+                                       secret=os.environ.get(self.api_key_env, ""))
 
     def _read(self, r) -> list:
         try:
             return self._results(r.json())
         except (ValueError, TypeError, AttributeError):
-            raise self._fail(f"search API at {self.url}: malformed reply {r.text[:200]!r}") from None
+            raise self._fail(f"search API at {self.url}: malformed reply "
+                             f"{users.shown(r.text, os.environ.get(self.api_key_env, ''))}") from None
 
     def _results(self, body: dict) -> list:
         out = []

@@ -694,14 +694,25 @@ def test_the_agent_loop_passes_each_agent_its_env(toy):
 
 
 def test_an_http_agent_is_told_which_of_its_calls_ran():
-    # Training runs every call of a turn (the last call's message carries the replies); evaluation only the first.
+    # Training runs every call of a turn, evaluation only the first; the first call's message holds the reply.
     message = {"role": "assistant", "tool_calls": [{"id": "a"}, {"id": "b"}]}
     ran_all = rollout._observation_messages(message, "obs", first_only=False)
-    assert [m["tool_call_id"] for m in ran_all] == ["a", "b"] and ran_all[1]["content"] == "obs"
-    assert ran_all[0]["content"].startswith("Executed")
+    assert [m["tool_call_id"] for m in ran_all] == ["a", "b"] and ran_all[0]["content"] == "obs"
+    assert ran_all[1]["content"].startswith("Executed")
     first = rollout._observation_messages(message, "obs", first_only=True)
     assert first[0]["content"] == "obs" and first[1]["content"].startswith("Not executed")
     assert rollout._observation_messages({"role": "assistant"}, "obs", True) == [{"role": "user", "content": "obs"}]
+
+
+def test_an_openai_message_becomes_the_text_the_template_writes():
+    # The API's arguments are a JSON string: written once, as an object; a served model's reasoning as <think>.
+    message = {"role": "assistant", "content": "Let me look.", "reasoning_content": "Search first.",
+               "tool_calls": [{"id": "a", "type": "function", "function": {
+                   "name": "interact_with_env", "arguments": '{"choice": "search", "content": "test"}'}}]}
+    text = rollout.tool_call_text(message)
+    assert text.startswith("<think>\nSearch first.\n</think>\n\nLet me look.")
+    assert '"arguments": {"choice": "search", "content": "test"}' in text
+    assert envs.parse_action(text).content == "test"
 
 
 def test_http_agent_rollout_and_transcripts(toy, tiny, tmp_path):

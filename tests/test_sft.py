@@ -159,6 +159,22 @@ def test_min_score_needs_scores(tmp_path):
                                                                   {"from": "gpt", "value": "a"}]}]))
     with pytest.raises(sft.SFTDataError, match="has none"):
         sft.read_sft_data(str(path), min_score=0.5)
+    # the default (0) filters nothing a score could: ShareGPT records pass it
+    assert len(sft.read_sft_data(str(path), min_score=train.Config().sft_min_score)) == 1
+
+
+def test_episodes_cut_by_the_budget_are_left_out_and_observations_are_the_envs(tmp_path):
+    calls = [{"id": c, "function": {"name": "interact_with_env", "arguments": {}}} for c in "ab"]
+    conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "a", "content": "the env's reply"},
+            {"role": "tool", "tool_call_id": "b", "content": "Not executed: only the first tool call is executed."},
+            {"role": "assistant", "content": "done"}]
+    assert sft.turns_of(conv)[1][0][1] == "the env's reply"
+    path = tmp_path / "episodes.jsonl"
+    path.write_text("".join(json.dumps({"messages": conv, "score": 1.0, "end_reason": end}) + "\n"
+                            for end in ("done", "budget")))
+    assert [c["messages"] for c in sft.read_sft_data(str(path))] == [conv]
 
 
 def test_schedule_warms_up_then_decays():
