@@ -563,22 +563,26 @@ def update(model, optimizer, batch: Batch, cfg: Config) -> dict:
 
     Episodes whose advantages are all 0 (every member of a zero-spread group) have a loss of exactly 0 when there
     is no KL term, so they are not run through the model at all; they still count in the token and sequence
-    totals, so the update is the same as if they had been. The stats are over the trained tokens."""
+    totals, so the update is the same as if they had been. A mini-batch with no episode on any rank (every one
+    failed) takes no optimizer step: AdamW's momentum and weight decay would move the weights on no data. The stats
+    are over the trained tokens."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    sums, norms = {}, []
+    sums, norms = dict.fromkeys(("tokens", "loss", *STATS), 0.0), []
     for _ in range(cfg.ppo_epochs):
         for k in range(cfg.batch_size // cfg.mini_batch_size):
             mb = batch.select([i for i, task in enumerate(batch.task) if task // cfg.mini_batch_size == k])
             totals = distributed.all_reduce_sums({"tokens": sum(sum(e.loss_mask) for e in mb.episodes),
                                                   "sequences": len(mb.episodes)})
+            if totals["sequences"] == 0:  # the same on every rank
+                continue
             mb = mb.select([i for i, a in enumerate(mb.advantages) if has_gradient(a, cfg.loss)])
             mb_sums, norm = mini_batch_update(model, optimizer, params, mb, totals, cfg)
-            sums = {key: sums.get(key, 0.0) + v for key, v in mb_sums.items()}
+            sums = {key: sums[key] + v for key, v in mb_sums.items()}
             norms.append(norm)
     sums = distributed.all_reduce_sums(sums)
     out = {key: sums[key] / max(sums["tokens"], 1.0) for key in STATS}
-    out["grad_norm"] = float(np.mean(norms))  # the same on every rank: the norm of the summed gradient
-    out["loss"] = sums["loss"] / len(norms)  # the ranks' shares add up to each mini-batch's loss
+    out["grad_norm"] = float(np.mean(norms)) if norms else 0.0  # the same on every rank: the summed gradient's
+    out["loss"] = sums["loss"] / max(len(norms), 1)  # the ranks' shares add up to each mini-batch's loss
     return out
 
 
@@ -699,19 +703,17 @@ class TooManyFailures(Exception):
 
 def check_failures(t: Trainer, n: int, episodes: list):
     """Raise TooManyFailures (on every rank) when more than `max_failed_frac` of step n's episodes, over all ranks,
-    failed. Nothing of the step has been written or trained yet, so the run folder is as the last step left it."""
+    failed. Nothing of the step has been written or trained yet (stoppable_step makes sure a checkpoint holds the
+    state before it)."""
     every = distributed.gather([{"error": e.info.get("error")} for e in episodes if e.failed] + [len(episodes)])
     failed = [row for rows in every for row in rows[:-1]]
     total = sum(rows[-1] for rows in every)
     if not failed or len(failed) <= t.cfg.max_failed_frac * total:
         return
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(failure_counts(failed).items(), key=lambda kv: -kv[1]))
-    ckpt = checkpoints.latest_checkpoint(t.run_dir)
     raise TooManyFailures(
         f"step {n}: {len(failed)} of {total} episodes failed, more than --max_failed_frac {t.cfg.max_failed_frac:g} "
-        f"({user_where(t)}): {reasons}; e.g. {(failed[0]['error'] or '')[:200]}. The run stopped before training on "
-        f"this step; " + (f"{ckpt.name} is the latest checkpoint" if ckpt else "there is no checkpoint yet") +
-        f". When the user is healthy again, {how_to_continue(t.run_dir)}")
+        f"({user_where(t)}): {reasons}; e.g. {(failed[0]['error'] or '')[:200]}.")
 
 
 def logprob_metrics(batch: Batch, entropies: list) -> dict:
@@ -811,29 +813,39 @@ class Interrupted(Exception):
 
 
 def stoppable_step(t: Trainer, n: int) -> dict:
-    """step(t, n), or, when the first signal comes before its update (Stop), the step abandoned: the sampler and
-    RNG states are put back as they were before it, that state is checkpointed unless the latest checkpoint holds
-    it already, and Interrupted says so."""
+    """step(t, n), or, when the first signal comes before its update (Stop) or its users failed too often
+    (TooManyFailures), the step abandoned: the sampler and RNG states are put back as they were before it, that
+    state is checkpointed unless the latest checkpoint holds it already, and the exception says so."""
     t.stop.holding = False
     if t.stop.signals:  # held in the last moments of step n - 1, after its check
         raise stop_after(t, n - 1)
     sampler, rng = t.sampler.rng.getstate(), checkpoints.rng_state()
     try:
         return step(t, n)
+    except TooManyFailures as e:  # raised on every rank, before anything of step n was trained or written
+        where = keep_state_before(t, n, sampler, rng)
+        raise TooManyFailures(f"{e} The run stopped before training on this step; {where}. When the user is "
+                              f"healthy again, {how_to_continue(t.run_dir)}") from None
     except KeyboardInterrupt:
         if t.stop.signals != 1 or t.stop.holding:  # not ours, or a second signal: stop at once
             raise
     t.stop.holding = True  # a second signal now stops the save below at once
-    t.sampler.rng.setstate(sampler)
-    checkpoints.set_rng_state(rng)
-    where = f"ckpt-{n - 1:06d} holds step {n - 1}"
-    if n == 1:
-        where = "no checkpoint yet: it starts again from step 1"
-    elif checkpoints.step_of(checkpoints.latest_checkpoint(t.run_dir)) < n - 1:
-        save(t, n - 1)
-        where = f"the state after step {n - 1} saved now as ckpt-{n - 1:06d}"
+    where = keep_state_before(t, n, sampler, rng)
     raise Interrupted(f"interrupted by {signal.Signals(t.stop.signum).name} during step {n} of {t.cfg.steps}: the step "
                       f"was abandoned before its update ({where}); {how_to_continue(t.run_dir)}", 128 + t.stop.signum)
+
+
+def keep_state_before(t: Trainer, n: int, sampler, rng) -> str:
+    """Put the sampler and RNG states back as they were before step n and make sure a checkpoint holds that state
+    (the one after step n - 1), so that --resume redoes step n; says where it is."""
+    t.sampler.rng.setstate(sampler)
+    checkpoints.set_rng_state(rng)
+    if n == 1:
+        return "no checkpoint yet: it starts again from step 1"
+    if checkpoints.step_of(checkpoints.latest_checkpoint(t.run_dir)) < n - 1:
+        save(t, n - 1)
+        return f"the state after step {n - 1} saved now as ckpt-{n - 1:06d}"
+    return f"ckpt-{n - 1:06d} holds step {n - 1}"
 
 
 def stop_after(t: Trainer, n: int) -> Interrupted:

@@ -153,6 +153,13 @@ MUTANTS = [
     Mutant("train.py", 'if m["failed_episodes"] * 2 > m["episodes"]:', 'if m["failed_episodes"] * 8 > m["episodes"]:',
            ("tests/test_checks.py::test_a_step_in_which_most_episodes_failed_says_so",),
            "the failure warning fires for a few failures"),
+    Mutant("train.py", "            if totals[\"sequences\"] == 0:  # the same on every rank\n                continue\n", "",
+           ("tests/test_train.py::test_a_mini_batch_with_no_episode_takes_no_optimizer_step",),
+           "a mini-batch with no episode still takes an AdamW step (its momentum moves the weights)"),
+    Mutant("train.py", "        where = keep_state_before(t, n, sampler, rng)\n        raise TooManyFailures(",
+           "        where = \"nothing saved\"\n        raise TooManyFailures(",
+           ("tests/test_reliability.py::test_a_stop_for_failures_keeps_the_steps_since_the_last_checkpoint",),
+           "a stop for failed episodes loses the steps since the last checkpoint"),
     Mutant("train.py", "if not failed or len(failed) <= t.cfg.max_failed_frac * total:", "if True:",
            ("tests/test_reliability.py::test_a_step_with_too_many_failures_stops_the_run_naming_the_endpoint_and_"
             "reasons",),

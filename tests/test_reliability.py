@@ -114,7 +114,7 @@ def test_a_step_with_too_many_failures_stops_the_run_naming_the_endpoint_and_rea
         assert msg.startswith(f"step 2: {srv.counts['500'] + srv.counts['drop']} of 8 episodes failed, more than "
                               f"--max_failed_frac 0.5 (user endpoint {srv.url}, model {srv.model}): "
                               f"http_500 {srv.counts['500']}, connection {srv.counts['drop']}; e.g. UserError: "), msg
-        assert "\n" not in msg and f"ckpt-000001 is the latest checkpoint" in msg and \
+        assert "\n" not in msg and "ckpt-000001 holds step 1" in msg and \
             f"python train.py --resume {run_dir}" in msg
         assert checkpoints.latest_checkpoint(run_dir).name == "ckpt-000001"
         assert not list(run_dir.glob(".tmp-*")) and not (run_dir / checkpoints.LOCK).exists()
@@ -138,6 +138,30 @@ def test_a_step_with_too_many_failures_stops_the_run_naming_the_endpoint_and_rea
     finally:
         srv.close()
     assert str(e.value.code).startswith("error: step 1: 2 of 2 episodes failed") and "http_500 2" in str(e.value.code)
+
+
+def test_a_stop_for_failures_keeps_the_steps_since_the_last_checkpoint(tmp_path, monkeypatch):
+    """--save_every 5 and the user fails at step 3: the state after step 2 is checkpointed as the run stops, so
+    --resume redoes step 3 only (steps 1 and 2 are not trained again)."""
+    srv = OpenAIServer(faults={}, retry_after=0.01)
+    real = train.roll_out
+
+    def roll_out(t, tasks, index, n):
+        srv.faults = {"500": 1.0} if n == 3 else {}
+        return real(t, tasks, index, n)
+
+    monkeypatch.setattr(train, "roll_out", roll_out)
+    try:
+        with pytest.raises(train.TooManyFailures, match="the state after step 2 saved now as ckpt-000002"):
+            train.train(http_cfg(tmp_path / "run", srv, "--steps", "4", "--save_every", "5"), task_pool=POOL)
+        run_dir = tmp_path / "run"
+        assert checkpoints.latest_checkpoint(run_dir).name == "ckpt-000002"
+        monkeypatch.setattr(train, "roll_out", real)
+        srv.faults = {}
+        train.train(train.parse_config(["--resume", str(run_dir)]), task_pool=POOL)
+        assert [x["step"] for x in read_metrics(run_dir)] == [1, 2, 3, 4]
+    finally:
+        srv.close()
 
 
 def test_max_failed_frac_is_checked():

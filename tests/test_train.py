@@ -209,6 +209,25 @@ def test_episodes_without_gradient_are_skipped_without_changing_the_update(monke
     assert abs(s1["grad_norm"] - s2["grad_norm"]) < 1e-5 * s2["grad_norm"]
 
 
+def test_a_mini_batch_with_no_episode_takes_no_optimizer_step():
+    """Every episode of the step failed (--max_failed_frac 1 lets it through): nothing to train on, so the weights
+    stay as they are; AdamW's momentum from an earlier update would otherwise move them."""
+    from dist_update import fixed_episode
+
+    cfg = train.parse_config(["--batch_size", "2", "--group_size", "2", "--mini_batch_size", "2", "--lr", "1e-3"])
+    model, tok = train.load_model("tiny", seed=0)
+    eps = [fixed_episode(t, m, len(tok)) for t in range(2) for m in range(2)]
+    batch = train.Batch(eps, [0, 0, 1, 1], [torch.full((sum(e.loss_mask),), s) for e, s in zip(eps, (1., -1.) * 2)],
+                        tok.pad_token_id)
+    batch.old_logprobs, _ = train.recompute_logprobs(model, batch, cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train.update(model, optimizer, batch, cfg)  # momentum now
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train.update(model, optimizer, train.Batch([], [], [], tok.pad_token_id), cfg)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert stats["grad_norm"] == 0.0 and stats["loss"] == 0.0
+
+
 def test_each_episode_is_scored_once_per_step(tmp_path, monkeypatch):
     import rewards
 
