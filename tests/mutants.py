@@ -153,7 +153,8 @@ MUTANTS = [
     Mutant("train.py", 'if m["failed_episodes"] * 2 > m["episodes"]:', 'if m["failed_episodes"] * 8 > m["episodes"]:',
            ("tests/test_checks.py::test_a_step_in_which_most_episodes_failed_says_so",),
            "the failure warning fires for a few failures"),
-    Mutant("train.py", "            if totals[\"sequences\"] == 0:  # the same on every rank\n                continue\n", "",
+    Mutant("train.py", '            if totals["sequences"] == 0:  # the same on every rank\n'
+                       '                continue\n', "",
            ("tests/test_train.py::test_a_mini_batch_with_no_episode_takes_no_optimizer_step",),
            "a mini-batch with no episode still takes an AdamW step (its momentum moves the weights)"),
     Mutant("train.py", "        where = keep_state_before(t, n, sampler, rng)\n        raise TooManyFailures(",
