@@ -345,7 +345,7 @@ def run(cfg, run_dir: Path, tasks, ranks, user_url: str | None, at: dict):
         distributed.shard(model, bf16)
     else:
         model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay,
                                   fused=device.type == "cuda")
     start = checkpoints.load_checkpoint(ckpt, model, optimizer, rank)["step"] if ckpt else 0
     examples, dropped = build_examples(tokenizer, conversations_for(cfg, tasks, run_dir, rank), cfg.sft_max_tokens)

@@ -194,6 +194,8 @@ class Config:
     """peak learning rate, after a linear warm-up, then cosine decay to 0 (the original: 1e-5)"""
     sft_warmup: float = 0.1
     """fraction of the SFT steps spent warming up (the original: 0.1)"""
+    sft_weight_decay: float = 0.0
+    """AdamW weight decay of the SFT stage (the original's LLaMA-Factory config sets none: the default, 0)"""
     sft_batch_size: int = 64
     """conversations per SFT step, over all ranks (the original: 2 per GPU x 4 accumulation x 8 GPUs)"""
     sft_max_tokens: int = 16384
@@ -253,6 +255,7 @@ def validate(cfg: Config):
     check(cfg.device in ("auto", "cpu", "cuda"), "device", f"expected auto, cpu or cuda, got {cfg.device!r}")
     check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
     check(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    check(cfg.sft_weight_decay >= 0, "sft_weight_decay", f"must be >= 0, got {cfg.sft_weight_decay}")
     check(cfg.grad_clip > 0, "grad_clip", f"must be > 0, got {cfg.grad_clip}")
     check(cfg.nproc >= 0, "nproc", f"must be >= 0 (0 = one rank per GPU), got {cfg.nproc}")
     check(cfg.dist_timeout_min > 0, "dist_timeout_min", f"must be > 0, got {cfg.dist_timeout_min}")

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import eval as ev
 import train
@@ -54,9 +55,13 @@ def test_a_used_folder_is_refused_before_work(tmp_path):
         train.main(["--out_dir", str(tmp_path / "run"), *TOY])
 
 
-def test_sft_alone_on_a_data_file_and_its_resume(tmp_path):
+def test_sft_alone_on_a_data_file_and_its_resume(tmp_path, monkeypatch):
     """`--algo sft --sft_data FILE`: eval.py's episodes.jsonl in, a run folder with RUN/final out; resumed from a
-    checkpoint, it makes the same steps and evaluations as a run that was never stopped."""
+    checkpoint, it makes the same steps and evaluations as a run that was never stopped. Its AdamW has no weight
+    decay unless asked (the original's SFT sets none; GRPO's 0.01 is not SFT's)."""
+    decays, real_adamw = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW",
+                        lambda *a, **kw: decays.append(kw["weight_decay"]) or real_adamw(*a, **kw))
     data = tmp_path / "episodes.jsonl"
     _, recs = ev.evaluate("expert", None, ev.select_tasks(["telepathy"], "train", 4), RolloutConfig(progress=False))
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -75,3 +80,4 @@ def test_sft_alone_on_a_data_file_and_its_resume(tmp_path):
     assert losses(b) == pytest.approx(losses(a), rel=1e-6)
     # the evaluation of step 4 is redone, not repeated: RUN/evals.jsonl loses the lines after the checkpoint
     assert phases(b) == phases(a) == [("sft", 2), ("sft", 4)]
+    assert decays == [0.0] * 3
