@@ -71,8 +71,12 @@ class DataError(ValueError):
     """A task file that cannot be used; the message names the file (and the line and field where known)."""
 
 
-def _convert(key: str, value, typ):
+def _convert(key: str, value, typ, from_file: bool = False):
     """`value` (a string from the command line, or a JSON value from a file) as type `typ`."""
+    if typ in (bool, int, float) and isinstance(value, str) and (from_file or "_" in value or not value.isascii()):
+        # JSON has numbers and booleans of its own; on the command line only plain ASCII numbers ("1_0" and
+        # non-Latin digits are refused, though Python's int() and float() take them)
+        raise ConfigError(f"--{key}: expected {'true or false' if typ is bool else 'a number'}, got {value!r}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -107,9 +111,12 @@ def _convert(key: str, value, typ):
     raise ConfigError(f"--{key}: unsupported field type {typ}")
 
 
-def _set(cfg, key: str, value, fixed: dict):
-    """Set `a.b.c` on a (nested) dataclass config, converting `value` to the field's declared type."""
+def _set(cfg, key: str, value, fixed: dict, from_file: bool = False):
+    """Set `a.b.c` on a (nested) dataclass config, converting `value` to the field's declared type. A fixed key
+    (derived from others) is refused on the command line and skipped in a file: a run's own config.json holds it."""
     if key in fixed:
+        if from_file:
+            return
         raise ConfigError(f"--{key}: {fixed[key]}")
     obj, *path = cfg, *key.split(".")
     for i, name in enumerate(path):
@@ -126,9 +133,10 @@ def _set(cfg, key: str, value, fixed: dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"--{key}: expected an object of sub-keys, got {value!r}")
             for sub, v in value.items():
-                _set(cfg, f"{key}.{sub}", v, fixed)
+                if not sub.startswith("_"):  # "_comment" keys document a recipe, at any depth
+                    _set(cfg, f"{key}.{sub}", v, fixed, from_file)
         else:
-            value = _convert(key, value, _field_type(obj, name))
+            value = _convert(key, value, _field_type(obj, name), from_file)
             if isinstance(value, str):
                 _check_secret_free(key, name, value)
             setattr(obj, name, value)
@@ -170,7 +178,7 @@ def apply_args(cfg, argv: list[str], fixed: dict | None = None):
                                   'e.g. {"lr": 1e-6, "rollout": {"max_turns": 8}}')
             for k, v in data.items():
                 if not k.startswith("_"):  # "_comment" keys document a recipe file
-                    _set(cfg, k, v, fixed)
+                    _set(cfg, k, v, fixed, from_file=True)
     for key, value in pairs:
         if key != "config":
             _set(cfg, key, value, fixed)
@@ -197,20 +205,23 @@ def field_docs(cls) -> dict:
     return docs
 
 
-def help_text(doc: str, cfg, defaults: str) -> str:
+def help_text(doc: str, cfg, defaults: str, fixed: dict | None = None) -> str:
     """A script's --help: the first two paragraphs of its docstring (what it is, its commands), then every key of
-    its config `cfg`; `defaults` says where the defaults come from."""
-    return "\n\n".join(doc.split("\n\n")[:2]) + f"\n\nEvery key, as --key value ({defaults}):\n" + "\n".join(usage(cfg))
+    its config `cfg` that can be set (not the `fixed` ones); `defaults` says where the defaults come from."""
+    keys = "\n".join(usage(cfg, hidden=fixed or {}))
+    return "\n\n".join(doc.split("\n\n")[:2]) + f"\n\nEvery key, as --key value ({defaults}):\n" + keys
 
 
-def usage(cfg, prefix: str = "") -> list[str]:
+def usage(cfg, prefix: str = "", hidden=()) -> list[str]:
     """One entry per key of dataclass config `cfg`, nested ones dotted: `--key (default)` and its description, for
-    --help."""
+    --help; dotted keys in `hidden` are left out."""
     lines, docs = [], field_docs(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if f"{prefix}{f.name}" in hidden:
+            continue
         if dataclasses.is_dataclass(value):
-            lines += usage(value, f"{prefix}{f.name}.")
+            lines += usage(value, f"{prefix}{f.name}.", hidden)
         else:
             lines.append(f"  --{prefix}{f.name} (default {json.dumps(value, default=str)})")
             lines += textwrap.wrap(docs.get(f.name, ""), 112, initial_indent=" " * 6, subsequent_indent=" " * 6)

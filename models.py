@@ -182,14 +182,23 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2
     return model
 
 
+def cast_parameters(model, dtype: torch.dtype):
+    """`model` with its floating parameters in `dtype` and its buffers as they are (RoPE's inv_freq stays fp32:
+    see the module docstring; `model.to(dtype)` would round it too)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
+
+
 def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """`"tiny"` builds the offline tiny model and tokenizer; anything else is a hub id or a local folder."""
     if name_or_path == "tiny":
         tokenizer = build_tiny_tokenizer()
-        return build_tiny_model(tokenizer, seed=seed).to(dtype), tokenizer
+        return cast_parameters(build_tiny_model(tokenizer, seed=seed), dtype), tokenizer
     if name_or_path == "tiny-demo":
         tokenizer = build_demo_tokenizer()
-        return build_tiny_model(tokenizer, seed=seed, **DEMO_SHAPE).to(dtype), tokenizer
+        return cast_parameters(build_tiny_model(tokenizer, seed=seed, **DEMO_SHAPE), dtype), tokenizer
     if not os.path.isdir(name_or_path) and "/" not in name_or_path:
         raise ValueError(f"model {name_or_path!r} is neither 'tiny', 'tiny-demo', a local folder, nor a hub id like "
                          "'Qwen/Qwen3-4B'")

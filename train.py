@@ -1050,7 +1050,7 @@ def main(argv: list[str], entry: str = __file__):
     script registers a toy gym, then calls main)."""
     if set(argv) & set(HELP):
         print(help_text(__doc__, Config(), "or in a --config JSON file; the defaults of train.Config, and a command "
-                        "that names no --config, --resume or --algo runs configs/demo.json"))
+                        "that names no --config, --resume or --algo runs configs/demo.json", FIXED_KEYS))
         return  # before any set-up: no signal handler, no environment change
     transformers.utils.logging.disable_progress_bar()  # one tqdm bar per step is ours; no per-save bars
     # Read by torch when it first allocates on a GPU, so set before any CUDA work, and inherited by the ranks:

@@ -81,9 +81,31 @@ def test_help_lists_every_key_with_its_default_and_description(script, cfg, tmp_
     assert not list(tmp_path.iterdir())  # --help runs nothing: no run folder
     lines = p.stdout.splitlines()
     entries = [(i, line.split()) for i, line in enumerate(lines) if line.startswith("  --")]
-    assert [words[0] for _, words in entries] == [f"--{k}" for k in dotted_keys(cfg)]
+    fixed = train.FIXED_KEYS if script == "train.py" else {}  # derived keys cannot be set: not listed
+    assert [words[0] for _, words in entries] == [f"--{k}" for k in dotted_keys(cfg) if k not in fixed]
     for i, words in entries:  # its default, then a description under it
         assert words[1] == "(default" and lines[i + 1].startswith("      ") and lines[i + 1].strip(), lines[i:i + 2]
+
+
+def test_a_runs_own_config_json_is_a_recipe(tmp_path):
+    # config.json holds the derived loss.temperature too: a file may carry it (it is derived again), the command
+    # line may not; "_comment" keys document a recipe at any depth
+    cfg = train.parse_config(["--rollout.temperature", "0.7", "--lr", "3e-6"])
+    path = tmp_path / "config.json"
+    saved = dataclasses.asdict(cfg)
+    saved["rollout"]["_comment"] = "sampling"
+    path.write_text(json.dumps(saved))
+    assert train.parse_config(["--config", str(path)]) == cfg
+    with pytest.raises(train.ConfigError, match="not a key of its own"):
+        train.parse_config(["--loss.temperature", "0.7"])
+    # a file's numbers and booleans are JSON's own; the command line takes plain ASCII numbers only
+    for bad in ({"lr": "1e-5"}, {"rollout": {"greedy": "yes"}}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(train.ConfigError, match="expected"):
+            train.parse_config(["--config", str(path)])
+    for value in ("1_0", "\u0663"):
+        with pytest.raises(train.ConfigError, match="expected a number"):
+            train.parse_config(["--steps", value])
 
 
 def test_help_in_process_changes_nothing(capsys):

@@ -129,6 +129,17 @@ def _late_gap(model, copy_, ids, start=2000):
     return gap.mean().item(), gap.max().item()
 
 
+def test_a_model_loaded_in_bf16_keeps_its_rope_buffers():
+    # load_model("tiny", dtype=bf16) (eval.py --dtype bfloat16, the hf user on CUDA) casts parameters only, as
+    # rollout_copy does: model.to(bf16) rounded inv_freq (off by 1.8e-4, cos by up to 0.36 below position 2,048)
+    fp32, _ = models.load_model("tiny")
+    bf16, _ = models.load_model("tiny", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert bf16.lm_head.weight is bf16.model.embed_tokens.weight  # the tie survives the cast
+    for name, b in bf16.named_buffers():
+        assert torch.equal(b, dict(fp32.named_buffers())[name]), name
+
+
 def test_rollout_copy_keeps_rope_exact_and_matches_the_training_forward():
     model = _qwen3_geometry()
     before = {k: v.clone() for k, v in model.state_dict().items()}
