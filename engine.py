@@ -18,8 +18,13 @@ token) only (`token_noise`), so a seeded rollout repeats exactly although the en
 users answer, and both schedules sample the same episodes.
 
 RolloutConfig's `compile=True` compiles the decode step (CUDA graphs on CUDA) at power-of-two row counts and cache
-widths. It has not run on a GPU yet. On CPU it works (a test runs one compiled chunk) but each new shape takes
-10-25 s to compile on 2 cores, more than a CPU rollout gains, so it is off by default.
+widths. The cache itself is then allocated in those buckets (a new size per call was a recompile per call) and its
+tensors are marked as static addresses (CUDA graphs skip a step that writes into an input that is not); each call
+still allocates a new cache, so its graphs are recorded again per call, and a compiled step reads the whole cache
+(every row, up to the bucketed width) where the eager one reads only the rows it decodes. It has not run on a GPU
+yet (bench/gpu_smoke.py reports the compile time, graphs and CUDA-graph skips). On CPU it works (a test runs one
+compiled chunk) but each new shape takes 10-25 s to compile on 2 cores, more than a CPU rollout gains, so it is
+off by default.
 
 `LockstepBatch` is the simplest cache to read: it grows by torch.cat (transformers' DynamicCache) with a 0/1 column
 mask, and is compacted when episodes end; bench/rollout.py counts what that costs against the engine.
@@ -223,12 +228,17 @@ class Engine:
             raise ValueError(f"{type(model).__name__}: the rollout engine needs full attention in every layer "
                              "(sliding-window layers are not supported)")
         AttentionInterface.register(self.ATTENTION, block_attention)
+        if cfg.compile:  # the cache is an input of the compiled step: its shape, in buckets, must not vary per call
+            rows, columns = _bucket(rows), _bucket(columns)
         param = next(model.parameters())
         self.model, self.cfg, self.device, self.dtype, self.columns = model, cfg, param.device, param.dtype, columns
         # One more row and column than asked for: a compiled step's padding rows write into the last row, a padded
         # prefill's overflow into the last column.
         self.scratch = rows
         self.cache = KVCache(config, rows + 1, columns + 1, param.dtype, param.device)
+        if cfg.compile:  # written in place by the step: CUDA graphs capture only mutated inputs of static address
+            for t in self.cache.keys + self.cache.values:
+                torch._dynamo.mark_static_address(t)
         self.n_rep = config.num_attention_heads // config.num_key_value_heads
         self.stop = torch.tensor(sorted(stop_ids), device=self.device)
         # transformers renamed `past_key_values` to `cache` (5.x deprecates the old name); use what this model takes.

@@ -51,6 +51,7 @@ Simplifications and choices, each one line:
 - The chat template is called without extra kwargs (Qwen3: its default thinking mode).
 - Full attention is assumed (a sliding-window model is refused): Qwen2, Qwen3 and Llama-family causal LMs.
 """
+import gc
 import heapq
 import json
 import time
@@ -311,6 +312,8 @@ def _rollout_engine(model, tokenizer, episodes, env_list, live, cfg, pool, count
             counts["time_generate"] += time.perf_counter() - t0 - waited
     finally:
         config._attn_implementation = saved_attention
+        if cfg.compile:  # compiling leaves reference cycles that hold the KV cache: free it now, not at some later
+            gc.collect()  # collection (on a GPU the update needs that memory)
     counts.update(slots_fed=engine.slots, tokens_fed=engine.real, host_syncs=engine.syncs, rows=n_rows,
                   decode_steps=engine.steps, cache_bytes=engine.cache.nbytes,
                   cache_bytes_copied=engine.cache.bytes_copied)

@@ -499,6 +499,24 @@ def test_engine_compiled_decode_step_on_cpu(tiny, toy):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
 
 
+def test_compiled_rollouts_with_other_prompts_reuse_the_compiled_step(tiny, toy, monkeypatch):
+    # The cache is an input of the compiled step: its rows and columns come in buckets, so a later rollout whose
+    # prompts are a little longer meets the shapes already compiled (each size was a recompile, and past dynamo's
+    # limit everything ran uncompiled). Dynamo's own tracing (backend "eager") counts graphs without inductor's cost.
+    from torch._dynamo.utils import counters
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=False))
+    model, tok = tiny
+    torch._dynamo.reset()
+    graphs = []
+    for j in (0, 1):  # prompts of about 380 and 400 tokens
+        torch.manual_seed(0)
+        rollout.rollout(model, tok, [("toy", task(j, turns=1))], 2, cfg(compile=True, max_new_tokens=8))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0]
+
+
 def test_turn_info_and_the_envs_end_reason(tiny, toy, tmp_path):
     model, tok = tiny
     eps = rollout.rollout(model, tok, [("toy", task(1, turns=2, end_reason="malformed_call"))], 1,
