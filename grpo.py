@@ -24,7 +24,8 @@ bf16/fp16. What runs in which precision (see _logits and _project_back):
               fp32 (torch.mm(..., out_dtype=torch.float32)), so no logit is rounded; CPU (no such kernel in
               torch 2.13): a bf16 matmul whose bf16 output is copied to fp32, so each logit is rounded to bf16
               first (spacing 0.125 for |logit| in [16, 32)).
-  softmax, loss, entropy: fp32 everywhere.
+  softmax, loss: fp32 everywhere; entropy too, but for its sum of p z', a batched matmul (no temporary tile),
+              which runs in TF32 (inputs rounded to 10 mantissa bits) on CUDA where train.py allows it: a logged figure.
   d hidden    the fp32 d logits tile rounded to the input dtype, one matmul, the result in the input dtype.
   d weight    summed over chunks into one fp32 buffer, cast to the weight's dtype once at the end. CUDA: the
               bf16 d logits times bf16 hidden, added into the buffer in fp32 (addmm with out_dtype, when the
