@@ -31,7 +31,7 @@ JSON line (issue 11, "One command for any GPU").
 Each part runs under try/except (a failing part reports its error; the others still run) and within its own time
 limit (90, 150 and 220 s, and --time-limit 470 s for all): a part starts no new measurement once its limit is
 reached (one already running, e.g. a compile, finishes), and (c) is killed at its limit.
-Progress goes to stderr; the last line on stdout is the JSON object. No GPU figures have been measured with this
+Progress goes to stderr; the last line on stdout is the JSON object; the exit status is 1 when any part failed. No GPU figures have been measured with this
 script yet (see the README's "GPU check").
 """
 import argparse
@@ -433,5 +433,14 @@ def main(argv=None) -> dict:
     return result
 
 
+def errors(tree, path: str = "") -> list:
+    """The dotted places of every "error" in a result: what the exit status reports."""
+    if not isinstance(tree, dict):
+        return []
+    return [path or "."] * ("error" in tree) + [e for k, v in tree.items() for e in errors(v, f"{path}.{k}")]
+
+
 if __name__ == "__main__":
-    main()
+    failed = errors(main())
+    if failed:
+        sys.exit(f"gpu_smoke: errors in {', '.join(failed)}")  # exit status 1: a failing part is not a passing check

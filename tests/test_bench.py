@@ -77,6 +77,7 @@ def test_gpu_smoke_quick_runs_every_part_on_cpu(capsys):
     out = smoke.main(["--quick", "--device", "cpu"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
     assert not _errors(out), _errors(out)
+    assert smoke.errors(out) == [] and smoke.errors({"a": {"error": "x"}, "b": {}}) == [".a"]
     loss = out["loss"]
     assert loss["fp32_out_matmuls"] == {"mm": False, "addmm": False}          # the CPU has no such kernels
     assert set(loss["fused"]) == {"0.25", "1", "4"} and loss["best_chunk_mb"] in (0.25, 1.0, 4.0)
