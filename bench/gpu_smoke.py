@@ -31,8 +31,8 @@ JSON line (issue 11, "One command for any GPU").
 Each part runs under try/except (a failing part reports its error; the others still run) and within its own time
 limit (90, 150 and 220 s, and --time-limit 470 s for all): a part starts no new measurement once its limit is
 reached (one already running, e.g. a compile, finishes), and (c) is killed at its limit.
-Progress goes to stderr; the last line on stdout is the JSON object; the exit status is 1 when any part failed. No GPU figures have been measured with this
-script yet (see the README's "GPU check").
+Progress goes to stderr; the last line on stdout is the JSON object; the exit status is 1 when any part
+failed. No GPU figures have been measured with this script yet (see the README's "GPU check").
 """
 import argparse
 import contextlib
