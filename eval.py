@@ -218,10 +218,11 @@ def eval_metrics(results: dict) -> dict:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per gym: score (mean over its scored episodes: items x passes), n (items), failed (episodes), turns (mean),
-    valid_call_rate (valid calls / turns), pass_at_k (mean over items of the best pass), task_scores ({task id:
-    mean over its passes}, for paired comparisons: `gap`); avg: the mean of the gym scores weighted by their item
-    counts (the paper's Avg). A gym whose every episode failed has score None."""
+    """Per gym, over the episodes that did not fail: score (the mean over its scored items of each item's mean
+    over its passes), n (items), scored (items with a score), failed (episodes), turns (mean), valid_call_rate
+    (valid calls / turns), pass_at_k (mean over items of the best pass), task_scores ({task id: mean over its
+    passes}, for paired comparisons: `gap`); avg: the mean of the gym scores weighted by their scored items (the
+    paper's Avg, weighted by item counts), n: the items scored. A gym whose every episode failed has score None."""
     per_gym = {}
     for gym in sorted({r["gym"] for r in records}):
         rs = [r for r in records if r["gym"] == gym]
@@ -230,20 +231,23 @@ def summarize(records: list[dict]) -> dict:
         for r in ok:
             best[r["task_id"]] = max(best.get(r["task_id"], r["score"]), r["score"])
             by_task.setdefault(r["task_id"], []).append(r["score"])
-        turns = sum(r["turns"] for r in rs)
-        per_gym[gym] = {"score": sum(r["score"] for r in ok) / len(ok) if ok else None,
-                        "n": len({r["task_id"] for r in rs}), "failed": len(rs) - len(ok),
-                        "turns": turns / len(rs) if rs else 0.0,
-                        "valid_call_rate": sum(r["valid_calls"] for r in rs) / turns if turns else 0.0,
+        # Over the episodes that did not fail: a task's score is the mean of its scored passes, a gym's the mean
+        # of its tasks' (a task whose other passes failed weighs no more than one that kept them all)
+        task_scores = {t: sum(s) / len(s) for t, s in sorted(by_task.items())}
+        turns = sum(r["turns"] for r in ok)
+        per_gym[gym] = {"score": sum(task_scores.values()) / len(task_scores) if task_scores else None,
+                        "n": len({r["task_id"] for r in rs}), "scored": len(task_scores), "failed": len(rs) - len(ok),
+                        "turns": turns / len(ok) if ok else 0.0,
+                        "valid_call_rate": sum(r["valid_calls"] for r in ok) / turns if turns else 0.0,
                         "pass_at_k": sum(best.values()) / len(best) if best else None,
-                        "task_scores": {t: sum(s) / len(s) for t, s in sorted(by_task.items())}}
+                        "task_scores": task_scores}
     scored = {g: v for g, v in per_gym.items() if v["score"] is not None}
-    n = sum(v["n"] for v in scored.values())
-    avg = sum(v["score"] * v["n"] for v in scored.values()) / n if n else None
+    n = sum(v["scored"] for v in scored.values())  # weights: the tasks scored (failed ones are out of the score)
+    avg = sum(v["score"] * v["scored"] for v in scored.values()) / n if n else None
     return {"per_gym": per_gym, "avg": avg, "n": n}
 
 
-def gap(new: dict, old: dict) -> tuple[float, float, int] | None:
+def gap(new: dict, old: dict) -> tuple[float, float | None, int] | None:
     """(mean difference, its standard error, tasks) of results `new` over `old` on the tasks both scored: the
     per-task differences are paired, so the error is what these test tasks leave uncertain about the gap (greedy
     decoding and the scripted users are deterministic; the tasks are the sample). None without common tasks."""
@@ -252,7 +256,9 @@ def gap(new: dict, old: dict) -> tuple[float, float, int] | None:
     if not diffs:
         return None
     mean = sum(diffs) / len(diffs)
-    var = sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)
+    if len(diffs) < 2:  # one task leaves the error unknown, not 0
+        return mean, None, 1
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
     return mean, (var / len(diffs)) ** 0.5, len(diffs)
 
 

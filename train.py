@@ -1042,7 +1042,8 @@ def print_recipe_table(run_dir: Path):
     for old, new in zip(phases, phases[1:]):  # the noise: a gap within ~2 standard errors is not a difference
         g = evaluation.gap(last[new], last[old])
         if g:
-            print(f"{new} - {old}: {g[0]:+.3f} +- {g[1]:.3f} (mean over {g[2]} test tasks +- its standard error)")
+            print(f"{new} - {old}: {g[0]:+.3f} +- {evaluation.fmt(g[1])} (mean over {g[2]} test tasks +- its "
+                  "standard error)")
 
 
 def main(argv: list[str], entry: str = __file__):

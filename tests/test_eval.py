@@ -45,6 +45,17 @@ def test_avg_is_weighted_by_items():
     res = ev.summarize(recs)
     assert res["avg"] == pytest.approx(0.75)  # (3 x 1.0 + 1 x 0.0) / 4, not the mean of the gym means (0.5)
     assert res["per_gym"]["b"]["valid_call_rate"] == 0.5
+    # Failed episodes are out of everything: the score (each item weighs the same however many passes it kept),
+    # the Avg's weights, the turns and the valid-call rate
+    recs = [{"gym": "a", "task_id": 1, "score": s, "failed": False, "turns": 1, "valid_calls": 1} for s in (1, 0, 1)]
+    recs += [{"gym": "a", "task_id": 2, "score": 0.0, "failed": f, "turns": 0 if f else 2, "valid_calls": 0 if f else 2}
+             for f in (False, True, True)]
+    recs += [{"gym": "b", "task_id": i, "score": 0.0, "failed": i > 0, "turns": 1, "valid_calls": 0} for i in range(9)]
+    res = ev.summarize(recs)
+    a, b = res["per_gym"]["a"], res["per_gym"]["b"]
+    assert a["score"] == pytest.approx((2 / 3 + 0) / 2) and a["turns"] == pytest.approx(5 / 4) and a["failed"] == 2
+    assert (b["n"], b["scored"], b["failed"]) == (9, 1, 8)
+    assert res["avg"] == pytest.approx((1 / 3 * 2 + 0 * 1) / 3) and res["n"] == 3
 
 
 
@@ -58,6 +69,7 @@ def test_gap_pairs_the_tasks_both_runs_scored():
     # differences 0.2, 0.4, 0.0: mean 0.2, sample sd 0.2, standard error 0.2 / sqrt(3)
     assert n == 3 and mean == pytest.approx(0.2) and se == pytest.approx(0.2 / 3 ** 0.5)
     assert ev.gap(new, results({("c", 0): 1.0})) is None
+    assert ev.gap(results({("a", 0): 1.0}), results({("a", 0): 0.0})) == (1.0, None, 1)  # one task: no error
 
 def test_passes_vary_the_expert_and_pass_at_k_takes_the_best(tmp_path):
     res = run("--agent", "expert", "--gyms", "persuade", "--tasks", "3", "--passes", "3", "--split", "train",
