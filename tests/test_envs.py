@@ -150,6 +150,9 @@ def test_generated_function_data_is_reproducible_and_correct():
     assert (len(train), len(test)) == (460, 78)
     rules = [t["rule"] for t in train + test]
     assert len(set(rules)) == len(rules)
+    # distinct as functions too: a test rule that is a train rule rewritten (a + b vs b + a) would leak it
+    assert len({fr.signature(fr.compile_rule(r)) for r in rules}) == len(rules)
+    assert fr.signature(fr.compile_rule("d + b + a + c")) == fr.signature(fr.compile_rule("a + d + b + c"))
     assert sum("**" in r for r in rules) > 100 and sum("/" in r for r in rules) > 50  # the original's mix of operators
     for t in train + test:
         assert sorted(c for c in t["rule"] if c in "abcd") == list("abcd")
