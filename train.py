@@ -819,10 +819,10 @@ def stoppable_step(t: Trainer, n: int) -> dict:
     """step(t, n), or, when the first signal comes before its update (Stop) or its users failed too often
     (TooManyFailures), the step abandoned: the sampler and RNG states are put back as they were before it, that
     state is checkpointed unless the latest checkpoint holds it already, and the exception says so."""
-    t.stop.holding = False
+    sampler, rng = t.sampler.rng.getstate(), checkpoints.rng_state()  # a signal meanwhile is held (step n - 1's)
+    t.stop.holding = False  # only now, with the state to put back in hand, may a signal abandon step n
     if t.stop.signals:  # held in the last moments of step n - 1, after its check
         raise stop_after(t, n - 1)
-    sampler, rng = t.sampler.rng.getstate(), checkpoints.rng_state()
     try:
         return step(t, n)
     except TooManyFailures as e:  # raised on every rank, before anything of step n was trained or written

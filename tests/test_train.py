@@ -112,7 +112,7 @@ def test_grpo_raises_the_reward_of_a_toy_gym(tmp_path, monkeypatch):
     """The learning test: GRPO on the comma gym lifts the tiny model's mean reward clearly."""
     monkeypatch.setitem(envs.GYMS, "comma", CommaEnv)
     pool = {"comma": [{"id": f"d{i}"} for i in range(8)]}
-    cfg = small_cfg(tmp_path, "--steps", "12", "--lr", "1e-2", "--batch_size", "4", "--group_size", "8",
+    cfg = small_cfg(tmp_path, "--steps", "16", "--lr", "1e-2", "--batch_size", "4", "--group_size", "8",
                     "--mini_batch_size", "4", "--save_every", "0", "--transcripts", "0")
     rewards = [m["reward_mean"] for m in read_metrics(train.train(cfg, task_pool=pool))]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
