@@ -152,9 +152,10 @@ def function_tasks(seed: int = 0, n_train: int = 460, n_test: int = 78) -> tuple
     while len(tasks) < n_train + n_test:
         rule = random_rule(rng)
         tree = compile_rule(rule)
-        if signature(tree) in seen:
+        sig = signature(tree)
+        if sig in seen:
             continue
-        seen.add(signature(tree))
+        seen.add(sig)
         for _ in range(50):
             xs = [rng.randint(1, 10) for _ in range(4)]
             y = apply_rule(tree, xs)

@@ -301,23 +301,26 @@ class SerperSearch:
         if not os.environ.get(self.api_key_env):
             raise ValueError(f"serper search: the environment variable {self.api_key_env} is not set")
 
+    def _key(self) -> str:
+        return os.environ.get(self.api_key_env, "")
+
     def _fail(self, message: str, reason: str = "") -> SearchError:  # users.post_with_retries names a reason too
-        key = os.environ.get(self.api_key_env, "")
+        key = self._key()
         return SearchError(message.replace(key, "***") if key else message)
 
     def search(self, query: str) -> list:
-        headers = {"X-API-KEY": os.environ.get(self.api_key_env, ""), "Content-Type": "application/json"}
+        key = self._key()
+        headers = {"X-API-KEY": key, "Content-Type": "application/json"}
         return users.post_with_retries(requests.post, self.url, {"q": query, "num": self.k}, headers,
                                        timeout=self.timeout, max_retries=self.max_retries, backoff=self.backoff,
                                        read=self._read, fail=self._fail, where=f"search API at {self.url}",
-                                       secret=os.environ.get(self.api_key_env, ""))
+                                       secret=key)
 
     def _read(self, r) -> list:
         try:
             return self._results(r.json())
         except (ValueError, TypeError, AttributeError):
-            raise self._fail(f"search API at {self.url}: malformed reply "
-                             f"{users.shown(r.text, os.environ.get(self.api_key_env, ''))}") from None
+            raise self._fail(f"search API at {self.url}: malformed reply {users.shown(r.text, self._key())}") from None
 
     def _results(self, body: dict) -> list:
         out = []

@@ -663,18 +663,11 @@ class TravelSession:
         lines, reward, recorded = [], 0.0, []
         for oid in tokens:
             aspect = next((a for a in self.aspects.values() if any(o["id"] == oid for o in a["options"])), None)
-            if aspect is None:  # as the original: a well-formed id it does not know is a wrong choice for its aspect
-                aspect = next((a for a in self.aspects.values() if ASPECTS[a["aspect"]].letter == oid[0]), None)
-                if aspect is None:
-                    lines.append(f"{oid} is not among the options of this trip, which has no such part.")
-                    continue
-                if aspect["aspect"] not in self.chosen:
-                    self.chosen[aspect["aspect"]] = (oid, 0.0)
-                    recorded.append(aspect["aspect"])
-                    self.remaining = [p for p in self.remaining if not p["id"].startswith(aspect["aspect"] + ".")]
-                    lines.append(f"{oid} is not among the options of this trip: a wrong choice for the "
-                                 f"{aspect['aspect']}, which is now closed.")
-                    continue
+            known = aspect is not None  # as the original, a well-formed id it does not know is a wrong choice
+            aspect = aspect or next((a for a in self.aspects.values() if ASPECTS[a["aspect"]].letter == oid[0]), None)
+            if aspect is None:
+                lines.append(f"{oid} is not among the options of this trip, which has no such part.")
+                continue
             if aspect["aspect"] in self.chosen:
                 # As the original: the answer stops at this id and earns nothing; the ids before it stay chosen,
                 # worth 0 in the score as well (the original's metric reads this turn's reward, 0).
@@ -684,18 +677,21 @@ class TravelSession:
                              f"{aspect['aspect']}; only one choice per aspect is allowed, so this answer stops here "
                              "and earns nothing.")
                 return " ".join(lines), 0.0, self.all_best()
-            else:
-                r = (BEST_REWARD if oid == aspect["best_id"] else
-                     CORRECT_REWARD if oid in aspect["correct_ids"] else 0.0)
-                self.chosen[aspect["aspect"]] = (oid, r)
-                recorded.append(aspect["aspect"])
-                # A chosen aspect's preferences are no longer up for discussion (the original removes them too).
-                self.remaining = [p for p in self.remaining if not p["id"].startswith(aspect["aspect"] + ".")]
-                reward += r
-                # as the original's feedback, say how good the choice was (it cannot be changed any more)
-                verdict = ("the best option" if r == BEST_REWARD else "it fits but is not the cheapest that does"
-                           if r else "it misses a preference")
-                lines.append(f"Recorded {oid} as your choice for the {aspect['aspect']}: {verdict}.")
+            r = (BEST_REWARD if oid == aspect["best_id"] else
+                 CORRECT_REWARD if oid in aspect["correct_ids"] else 0.0)
+            self.chosen[aspect["aspect"]] = (oid, r)
+            recorded.append(aspect["aspect"])
+            # A chosen aspect's preferences are no longer up for discussion (the original removes them too).
+            self.remaining = [p for p in self.remaining if not p["id"].startswith(aspect["aspect"] + ".")]
+            reward += r
+            if not known:
+                lines.append(f"{oid} is not among the options of this trip: a wrong choice for the "
+                             f"{aspect['aspect']}, which is now closed.")
+                continue
+            # as the original's feedback, say how good the choice was (it cannot be changed any more)
+            verdict = ("the best option" if r == BEST_REWARD else "it fits but is not the cheapest that does"
+                       if r else "it misses a preference")
+            lines.append(f"Recorded {oid} as your choice for the {aspect['aspect']}: {verdict}.")
         return " ".join(lines), max(reward, 0.0), self.all_best()
 
     def all_best(self) -> bool:
