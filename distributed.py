@@ -20,6 +20,7 @@ count works (a rank's share may be one task smaller than another's, or empty). I
 here is the identity.
 """
 import os
+import sys
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -122,6 +123,19 @@ def teardown():
     if dist.is_initialized():
         dist.barrier()  # no rank tears its group down while another still has collectives in flight
         dist.destroy_process_group()
+
+
+def exit_now(code: int):
+    """End this process with `code`. A rank stopped by a signal may leave a collective in flight (the other ranks
+    stopped at other points, e.g. halfway through reduce_gradients' all-reduces): when it ends, gloo's worker
+    thread drops its tensors, which takes the GIL, and while the interpreter shuts down Python ends such a thread
+    where it stands, inside a C++ destructor: "terminate called without an active exception", SIGABRT. So a rank
+    of a process group skips the shutdown (every `finally` has run; nothing is left to write but its streams)."""
+    if not dist.is_initialized():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def deal(n_tasks: int, rank: int, world: int) -> list[int]:

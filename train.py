@@ -1088,7 +1088,7 @@ def main(argv: list[str], entry: str = __file__):
     except (Interrupted, KeyboardInterrupt) as e:  # one line, not a traceback
         if report:
             print(str(e) or "interrupted before the run started; nothing was written", file=sys.stderr)
-        sys.exit(getattr(e, "code", 128 + signal.SIGINT))
+        distributed.exit_now(getattr(e, "code", 128 + signal.SIGINT))
     finally:
         if launching:
             signal.signal(signal.SIGTERM, previous)
