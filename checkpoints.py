@@ -83,10 +83,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def take_lock(run_dir: Path) -> str:
-    """Create run_dir/train.lock holding our pid and host. A lock left by a dead process on this host is taken
-    over (returns a note saying so); a live one, or one from another host, is an error."""
-    path, note = run_dir / LOCK, ""
+def take_lock(run_dir: Path, flag: str = "--out_dir", name: str = LOCK) -> str:
+    """Create run_dir/train.lock (or `name`: eval.py's eval.lock) holding our pid and host. A lock left by a dead
+    process on this host is taken over (returns a note saying so); a live one, or one from another host, is an
+    error that names the option (`flag`) that chose the folder."""
+    path, note = run_dir / name, ""
     for _ in range(3):  # a stale lock taken over by two processes at once: one of them creates it, the other sees it
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -95,10 +96,10 @@ def take_lock(run_dir: Path) -> str:
                 holder = json.loads(path.read_text())
                 pid, host = int(holder["pid"]), str(holder["host"])
             except (OSError, ValueError, KeyError, TypeError):
-                raise ConfigError(f"--out_dir: {run_dir} is locked by {path}, which cannot be read; delete it if no "
+                raise ConfigError(f"{flag}: {run_dir} is locked by {path}, which cannot be read; delete it if no "
                                   "run is using this folder") from None
             if host != socket.gethostname() or pid_alive(pid):
-                raise ConfigError(f"--out_dir: {run_dir} is in use by process {pid} on {host} (lock file {path}); "
+                raise ConfigError(f"{flag}: {run_dir} is in use by process {pid} on {host} (lock file {path}); "
                                   "wait for that run to end, or delete the lock file if it is gone") from None
             path.unlink(missing_ok=True)
             note = f"took over the lock of {run_dir} from process {pid}, which is no longer running"
@@ -107,12 +108,12 @@ def take_lock(run_dir: Path) -> str:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")},
                       f)
         return note
-    raise ConfigError(f"--out_dir: {run_dir} is being claimed by another process at the same time")
+    raise ConfigError(f"{flag}: {run_dir} is being claimed by another process at the same time")
 
 
-def release(run_dir: Path):
+def release(run_dir: Path, name: str = LOCK):
     """Drop the lock if it is ours."""
-    path = run_dir / LOCK
+    path = run_dir / name
     try:
         if json.loads(path.read_text())["pid"] == os.getpid():
             path.unlink()

@@ -21,7 +21,7 @@ original's analyze.py. An episode whose user or agent endpoint failed is reporte
 the score, never scored 0.
 
 Writes OUT/episodes.jsonl (one line per episode, appended as each batch of episodes ends: the unit --resume
-skips) and OUT/results.json ({"per_gym": {gym: {score, n, failed, turns, valid_call_rate, pass_at_k}},
+skips; OUT/eval.lock keeps a second eval.py out of the folder while one plays) and OUT/results.json ({"per_gym": {gym: {score, n, failed, turns, valid_call_rate, pass_at_k}},
 "avg": x, "n": items}), and prints the per-gym table. `valid_call_rate` is the share of the agent's turns that
 held a well-formed call of interact_with_env.
 """
@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import checkpoints
 import distributed
 import envs
 import rollout as rollout_lib
@@ -39,6 +40,9 @@ import users
 from config import HELP, ConfigError, apply_args, check_model, help_text
 from rollout import RolloutConfig
 from users import UserConfig
+
+LOCK = "eval.lock"
+"""OUT/eval.lock: the pid and host of the eval.py that holds the folder (checkpoints.take_lock)"""
 
 
 @dataclass
@@ -353,6 +357,19 @@ def run(cfg: EvalConfig) -> dict:
     if path.exists() and not cfg.resume:
         raise ConfigError(f"--out: {out} already holds episodes.jsonl; add --resume true to go on with it, or "
                           "choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    # One process per folder: two would both play the episodes it lacks and append them (counted twice)
+    note = checkpoints.take_lock(out, "--out", LOCK)
+    if note:
+        print(note, flush=True)
+    try:
+        return play_into(cfg, out, path)
+    finally:
+        checkpoints.release(out, LOCK)
+
+
+def play_into(cfg: EvalConfig, out: Path, path: Path) -> dict:
+    """run()'s work once it holds the folder: play the episodes OUT/episodes.jsonl lacks, then score them all."""
     tasks = select_tasks(split_gyms(cfg.gyms) or list(envs.GYMS), cfg.split, cfg.tasks, cfg.data_dir)
     wanted = {(g, t.get("id"), p) for p in range(cfg.passes) for g, t in tasks}
     existing = read_records(path)
@@ -362,7 +379,6 @@ def run(cfg: EvalConfig) -> dict:
     kept = [r for r in existing if (r["gym"], r["task_id"], r["pass"]) in wanted]
     done = {(r["gym"], r["task_id"], r["pass"]) for r in kept}
     work = [(g, t, p) for p in range(cfg.passes) for g, t in tasks if (g, t.get("id"), p) not in done]
-    out.mkdir(parents=True, exist_ok=True)
     print(f"{len(work)} episodes to play ({len(done)} already in {path})", flush=True)
     agent, tokenizer = make_agent(cfg) if work else (None, None)
 

@@ -1,6 +1,8 @@
 """eval.py end to end: the expert scores full reward, --resume skips what is done, --table, failed episodes are
 reported as failed, a local model and an HTTP agent go through the same table."""
 import json
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,6 +106,25 @@ def test_resume_plays_only_the_missing_episodes(tmp_path, capsys):
     path.write_text(lines[0][:20])
     assert run(*args, "--resume", "true") == first
     assert [json.loads(line) for line in path.read_text().splitlines()] and len(path.read_text().splitlines()) == 4
+
+
+def test_a_second_eval_on_a_folder_in_use_is_refused(tmp_path):
+    """Two eval.py --resume on one --out would both play the episodes it lacks and append them: counted twice."""
+    args = ["--agent", "expert", "--gyms", "function", "--tasks", "1", "--out", str(tmp_path)]
+    run(*args)
+    assert not (tmp_path / ev.LOCK).exists()  # released on the way out
+    before = (tmp_path / "episodes.jsonl").read_text()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ev.LOCK).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(ConfigError, match=f"--out: {tmp_path} is in use by process {other.pid}"):
+            run(*args, "--tasks", "2", "--resume", "true")
+    finally:
+        other.kill()
+        other.wait()
+    assert (tmp_path / "episodes.jsonl").read_text() == before
+    run(*args, "--tasks", "2", "--resume", "true")  # its holder gone: the lock is taken over
+    assert len(records(tmp_path)) == 2 and not (tmp_path / ev.LOCK).exists()
 
 
 def test_table_prints_a_row_per_run(tmp_path, capsys):
