@@ -152,6 +152,7 @@ def episode_record(ep, pass_index: int) -> dict:
             "turn_rewards": ep.turn_rewards, "score": None if ep.failed else ep.info.get("score"),
             "failed": ep.failed, "turns": len(ep.turn_rewards),
             "valid_calls": sum(valid_call(m) for m in said), "end_reason": ep.info.get("end_reason"),
+            "cut_turns": ep.info.get("cut_turns", 0),
             "error": ep.info.get("error"), "num_tokens": len(ep.ids), "num_generated": sum(ep.loss_mask)}
 
 

@@ -155,8 +155,8 @@ class Episode:
     """a user/endpoint failure or timeout ended it: the trainer leaves it out of the loss and counts it"""
     info: dict = field(default_factory=dict)
     """end_reason (done / max_turns / budget / no_tool_call / user_failure / env_timeout, or the env's own, e.g.
-    malformed_call), task_id, turns, prompt_tokens, time_env (seconds in this episode's env/user calls), score,
-    error (when failed)"""
+    malformed_call), task_id, turns, cut_turns (turns max_new_tokens ended), prompt_tokens, time_env (seconds in
+    this episode's env/user calls), score, error (when failed)"""
 
 
 def _user_error():
@@ -480,11 +480,15 @@ def _append(ep: Episode, ids: list, mask: int, logprobs: list | None = None):
 
 def _close_turn(ep: Episode, gen: list, logprobs: list, eos: int, stop_ids: set, tokenizer, cfg) -> list:
     """Record one sampled turn in `ep`; returns the tokens now in its ids but not in the cache. A turn that did
-    not end with eos is closed with one (loss_mask 0), unless the episode budget cut it: that ends the episode."""
+    not end with eos is closed with one (loss_mask 0), unless the episode budget cut it: that ends the episode.
+    A turn max_new_tokens cut is counted in info["cut_turns"] (its text stops mid-turn: SFT leaves such episodes
+    out, as it would otherwise teach the end-of-turn token there)."""
     start = len(ep.ids)
     _append(ep, gen, 1, logprobs)
     unfed = gen[-1:]  # the last sampled token was never fed back
     ended = gen[-1] != eos and _used(ep) >= cfg.max_episode_tokens
+    if not ended and gen[-1] not in stop_ids:
+        ep.info["cut_turns"] += 1
     if not ended and gen[-1] != eos:
         _append(ep, [eos], 0)
         unfed.append(eos)
@@ -606,7 +610,8 @@ def _new_episodes(tasks, group_size: int, cfg: RolloutConfig, user):
         for _ in range(group_size):
             env_list.append(envs.make_env(gym, task, user=user, max_turns=cfg.max_turns, show_reward=cfg.show_reward,
                                           eval_mode=cfg.eval_mode, malformed=cfg.malformed))
-            episodes.append(Episode(gym=gym, info={"task_id": task.get("id"), "turns": 0, "time_env": 0.0}))
+            episodes.append(Episode(gym=gym, info={"task_id": task.get("id"), "turns": 0, "cut_turns": 0,
+                                                  "time_env": 0.0}))
     return episodes, env_list
 
 

@@ -277,6 +277,13 @@ MUTANTS = [
            "a folder holding only a checkpoint is taken as new"),
     Mutant("checkpoints.py", "return ckpts[-1] if ckpts else None", "return ckpts[0] if ckpts else None", (RESUME,),
            "resume from the oldest checkpoint"),
+    Mutant("sft.py", 'or rec.get("end_reason") == "budget" or rec.get("cut_turns"):',
+           'or rec.get("end_reason") == "budget":',
+           ("tests/test_sft.py::test_episodes_cut_by_the_budget_or_max_new_tokens_are_left_out_and_observations_are_"
+            "the_envs",),
+           "SFT trains episodes whose turn max_new_tokens cut (an end-of-turn token mid-sentence)", quick=True),
+    Mutant("rollout.py", '        ep.info["cut_turns"] += 1', '        pass',
+           ("tests/test_rollout.py::test_budget_and_max_turns_end_episodes",), "cut turns are not counted", quick=True),
     Mutant("eval.py", 'note = checkpoints.take_lock(out, "--out", LOCK)', 'note = ""',
            ("tests/test_eval.py::test_a_second_eval_on_a_folder_in_use_is_refused",),
            "eval.py takes no lock on --out (two runs on one folder count episodes twice)"),

@@ -166,6 +166,7 @@ def test_local_model_and_http_agent(tmp_path):
     recs = records(tmp_path / "tiny")
     assert res["per_gym"]["function"]["valid_call_rate"] == 0.0  # the random model calls no tool
     assert all(r["num_tokens"] > 0 and r["end_reason"] == "no_tool_call" for r in recs)
+    assert all(r["cut_turns"] == 1 for r in recs)  # 6 tokens end its one turn: SFT would leave these out
     srv = OpenAIServer(tool_reply={"choice": "search", "content": "test"})
     try:
         res = run("--agent_base_url", srv.url, "--agent_model", "fake-agent", "--gyms", "function", "--tasks", "1",

@@ -290,6 +290,9 @@ def test_budget_and_max_turns_end_episodes(tiny, toy, schedule):
     eps = rollout.rollout(model, tok, [("toy", task(2, turns=99))], 1, cfg(max_new_tokens=4, max_turns=3,
                                                                            schedule=schedule))
     assert eps[0].info["end_reason"] == "max_turns" and eps[0].info["turns"] == 3 and len(eps[0].turn_rewards) == 3
+    # a turn max_new_tokens ended is closed with an unsampled end-of-turn token, and counted (SFT drops such episodes)
+    closed = [ep.loss_mask[b - 1] == 0 for ep in eps for a, b in ep.turn_spans]
+    assert eps[0].info["cut_turns"] == sum(closed) > 0
 
 
 # ----------------------------------------------------------------------------------------------------------

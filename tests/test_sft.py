@@ -163,7 +163,7 @@ def test_min_score_needs_scores(tmp_path):
     assert len(sft.read_sft_data(str(path), min_score=train.Config().sft_min_score)) == 1
 
 
-def test_episodes_cut_by_the_budget_are_left_out_and_observations_are_the_envs(tmp_path):
+def test_episodes_cut_by_the_budget_or_max_new_tokens_are_left_out_and_observations_are_the_envs(tmp_path):
     calls = [{"id": c, "function": {"name": "interact_with_env", "arguments": {}}} for c in "ab"]
     conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
             {"role": "assistant", "content": "", "tool_calls": calls},
@@ -172,8 +172,8 @@ def test_episodes_cut_by_the_budget_are_left_out_and_observations_are_the_envs(t
             {"role": "assistant", "content": "done"}]
     assert sft.turns_of(conv)[1][0][1] == "the env's reply"
     path = tmp_path / "episodes.jsonl"
-    path.write_text("".join(json.dumps({"messages": conv, "score": 1.0, "end_reason": end}) + "\n"
-                            for end in ("done", "budget")))
+    path.write_text("".join(json.dumps({"messages": conv, "score": 1.0, "end_reason": end, "cut_turns": cut}) + "\n"
+                            for end, cut in (("done", 0), ("budget", 0), ("done", 1))))
     assert [c["messages"] for c in sft.read_sft_data(str(path))] == [conv]
 
 
