@@ -676,6 +676,8 @@ def _rollout_http(agent, tasks, group_size: int, cfg: RolloutConfig, user, stats
     failed (end_reason "user_failure" or "env_timeout")."""
     from tqdm import tqdm
 
+    from users import CUT
+
     episodes, env_list = _new_episodes(tasks, group_size, cfg, user)
     counts = {"time_generate": 0.0, "time_env": 0.0, "turns": 0}
     bar = tqdm(total=cfg.max_turns, desc="rollout turns (http agent)", disable=not cfg.progress, leave=False)
@@ -701,7 +703,8 @@ def _rollout_http(agent, tasks, group_size: int, cfg: RolloutConfig, user, stats
                     ep.turn_info.append({})
                     _fail(ep, f"agent endpoint: {err}", "env_timeout" if message is _TIMED_OUT else "user_failure")
                     continue
-                message = {"role": "assistant", **{k: v for k, v in message.items() if k != "role"}}
+                ep.info["cut_turns"] += bool(message.get(CUT))  # finish_reason "length"
+                message = {"role": "assistant", **{k: v for k, v in message.items() if k not in ("role", CUT)}}
                 ep.messages.append(message)
                 items.append((ep, env_list[i], tool_call_text(message)))
                 sent.append(message)

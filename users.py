@@ -232,13 +232,21 @@ def _malformed_reason(r) -> str:
     return "empty_choices"
 
 
+CUT = "cut_by_max_tokens"
+"""a key _assistant_message adds (True) to a reply max_tokens ended (finish_reason "length"); the HTTP-agent loop
+pops it before the message joins the conversation (rollout.py counts the turn in cut_turns)"""
+
+
 def _assistant_message(r):
     """The assistant message of a chat-completions reply, or None when the reply is malformed (retried)."""
     try:
-        message = r.json()["choices"][0]["message"]
+        choice = r.json()["choices"][0]
+        message = choice["message"]
     except (ValueError, KeyError, IndexError, TypeError):
         return None
-    return {"role": "assistant", **message} if isinstance(message, dict) else None
+    if not isinstance(message, dict):
+        return None
+    return {"role": "assistant", **message, **({CUT: True} if choice.get("finish_reason") == "length" else {})}
 
 
 @dataclass

@@ -50,7 +50,8 @@ class _HTTPServer(ThreadingHTTPServer):
 class OpenAIServer:
     def __init__(self, port: int = 0, model: str = "fake-user", faults: dict | None = None, seed: int = 0,
                  reply_fn=generic_reply, tool_reply: dict | None = None, retry_after: float = 1.0,
-                 stall_s: float = 30.0, echo_auth: bool = False, latency: tuple | None = None):
+                 stall_s: float = 30.0, echo_auth: bool = False, latency: tuple | None = None,
+                 finish_reason: str = "stop"):
         unknown = set(faults or {}) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULTS}")
@@ -58,6 +59,7 @@ class OpenAIServer:
             raise ValueError(f"fault probabilities sum to more than 1: {faults}")
         self.model, self.faults, self.reply_fn, self.tool_reply = model, dict(faults or {}), reply_fn, tool_reply
         self.retry_after, self.stall_s, self.echo_auth = retry_after, stall_s, echo_auth
+        self.finish_reason = finish_reason  # of every ok reply; "length" plays a reply max_tokens cut
         self.rng, self.latency, self.latency_rng = random.Random(seed), latency, random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {}
@@ -155,7 +157,7 @@ class OpenAIServer:
                     else:
                         message = {"role": "assistant", "content": server.reply_fn(body)}
                     reply = {"id": "x", "object": "chat.completion", "model": server.model,
-                             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+                             "choices": [{"index": 0, "message": message, "finish_reason": server.finish_reason}]}
                     self.send(200, json.dumps(reply).encode())
 
         return Handler

@@ -176,6 +176,18 @@ def test_local_model_and_http_agent(tmp_path):
     v = res["per_gym"]["function"]
     assert v["score"] == 0.0 and v["turns"] == 3 and v["valid_call_rate"] == 1.0
     assert srv.bodies[0]["model"] == "fake-agent" and srv.bodies[0]["tools"][0] == envs.TOOL_SCHEMA
+    assert records(tmp_path / "http")[0]["cut_turns"] == 0
+    # replies max_tokens ended (finish_reason "length") are counted as cut turns; the marker stays out of the
+    # conversation sent back and recorded
+    srv = OpenAIServer(tool_reply={"choice": "search", "content": "test"}, finish_reason="length")
+    try:
+        run("--agent_base_url", srv.url, "--agent_model", "fake-agent", "--gyms", "function", "--tasks", "1",
+            "--rollout.max_turns", "2", "--out", str(tmp_path / "cut"))
+    finally:
+        srv.close()
+    rec = records(tmp_path / "cut")[0]
+    assert rec["cut_turns"] == rec["turns"] == 2
+    assert not any("cut_by_max_tokens" in m for m in rec["messages"] + srv.bodies[-1]["messages"])
 
 
 @pytest.mark.parametrize("argv, message", [
