@@ -444,7 +444,7 @@ def step(t: Trainer, n: int) -> dict:
     with phase(m, "logprob", device):
         train_batch.old_logprobs, entropies = recompute_logprobs(t.model, train_batch, cfg)
         if t.ref_model is not None:
-            train_batch.ref_logprobs, _ = recompute_logprobs(t.ref_model, train_batch, cfg)
+            train_batch.ref_logprobs, _ = recompute_logprobs(t.ref_model, train_batch, cfg, entropy=False)
     # 5. clipped-ratio updates; from here on the step is finished before a signal stops the run (Stop)
     t.stop.holding = True
     checkpoints.signal_point("update", n)
@@ -532,11 +532,12 @@ def score_and_advantages(episodes: list, groups: list, cfg: Config) -> tuple[lis
 
 
 @torch.no_grad()
-def recompute_logprobs(model, batch: Batch, cfg: Config) -> tuple[list, list]:
+def recompute_logprobs(model, batch: Batch, cfg: Config, entropy: bool = True) -> tuple[list, list]:
     """Phase 4: log-probs and entropies of each episode's generated tokens under `model` with the training
     forward, at the sampling temperature: the PPO ratio's denominator. Recomputed rather than taken from
     sampling so the ratio is exactly 1 before the first update even when sampling ran in bf16 with a KV cache
-    (the two are compared as `logprob_diff`); the entropy comes from the same vocab pass."""
+    (the two are compared as `logprob_diff`); the entropy comes from the same vocab pass (with `entropy`; the
+    reference model's is not wanted: an empty list, and the pass needs one tile fewer)."""
     out, ents = [], []
     bf16, device = cfg.dtype == "bfloat16", model_device(model)
     for sl in distributed.micro_slices(len(batch.episodes), cfg.micro_batch_size, model):
@@ -546,11 +547,13 @@ def recompute_logprobs(model, batch: Batch, cfg: Config) -> tuple[list, list]:
         ids, attn, sel = pad_batch([(e.ids, e.loss_mask) for e in batch.episodes[sl]], batch.pad_id, device)
         h = hidden_states(model, ids, attn, bf16)[:, :-1][sel]
         w = head_weight(model)
-        lp, ent = token_logprobs(h, w, ids[:, 1:][sel], temperature=cfg.loss.temperature,
-                                 chunk_size=chunk_tokens(w.shape[0], cfg.loss.chunk_mb, device), return_entropy=True)
+        got = token_logprobs(h, w, ids[:, 1:][sel], temperature=cfg.loss.temperature,
+                             chunk_size=chunk_tokens(w.shape[0], cfg.loss.chunk_mb, device), return_entropy=entropy)
+        lp, ent = got if entropy else (got, None)
         counts = [int(s.sum()) for s in sel]
         out.extend(lp.float().cpu().split(counts))
-        ents.extend(ent.float().cpu().split(counts))
+        if entropy:
+            ents.extend(ent.float().cpu().split(counts))
     if distributed.is_fsdp(model):  # FSDP keeps the root's weights gathered after a forward that has no backward
         model.reshard()
     return out, ents
