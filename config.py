@@ -269,8 +269,9 @@ def check_before_work(cfg, task_pool: dict | None = None, launching: bool = Fals
         check_model("user.model", cfg.user.model)
     tasks = load_tasks(cfg, task_pool)
     if cfg.algo in ("sft", "recipe") and cfg.sft_steps != 0 and cfg.sft_data:
-        try:
-            sft.read_sft_data(cfg.sft_data, cfg.sft_min_score)
+        try:  # read and laid out as turns now, so a bad file stops the run before the model loads
+            for c in sft.read_sft_data(cfg.sft_data, cfg.sft_min_score):
+                sft.turns_of(c["messages"], c["where"])
         except sft.SFTDataError as e:
             raise DataError(f"--sft_data: {e}") from None
     if cfg.user.backend == "http" and cfg.user.probe and not cfg.user.serve_cmd:  # a started server: probed then

@@ -1,13 +1,13 @@
 """The paper's evaluation: every gym's test split played by an agent, one score per gym and their Avg (UserRL,
 arXiv 2509.19736, section 5: `eval/eval.py` + `eval/analyze.py` of the original).
 
-    python eval.py --model runs/x/ckpt-000100 --out runs/x/eval      # a local model (greedy, through rollout.py)
+    python eval.py --model runs/x/final --out runs/x/eval           # a local model (greedy, through rollout.py)
     python eval.py --agent_base_url http://localhost:8500/v1 --agent_model gpt-4o --out runs/eval-gpt4o
     python eval.py --agent expert --split train --passes 4 --out runs/expert   # oracle demonstrations (SFT data)
     python eval.py --out runs/eval-gpt4o --resume true ...            # go on after an interruption, paying once
     python eval.py --table runs/x/eval runs/eval-gpt4o                # the paper's table: a row per run
 
-The agent is a local model (`--model`: a hub id, a folder such as a checkpoint, or "tiny"), any
+The agent is a local model (`--model`: a hub id, a model folder such as a run's final/ or export-N/, or "tiny"), any
 OpenAI-compatible endpoint (`--agent_base_url/--agent_model`, users.HTTPUser as the agent), or the scripted
 expert (`--agent expert`: envs.ExpertAgent, an ORACLE that reads each task's hidden fields; its episodes are
 demonstrations, not a baseline a policy could reach). The simulated user is configured as in training
@@ -48,7 +48,8 @@ LOCK = "eval.lock"
 @dataclass
 class EvalConfig:
     model: str = ""
-    """a local policy: a hub id (Qwen/Qwen3-4B), a folder (e.g. a checkpoint) or "tiny"; played through rollout.py"""
+    """a local policy: a hub id (Qwen/Qwen3-4B), a model folder (a run's final/ or export-N/) or "tiny"; played
+    through rollout.py"""
     agent: str = ""
     """"expert": the scripted oracle of every gym (envs.ExpertAgent), e.g. to write SFT demonstrations"""
     agent_base_url: str = ""
@@ -59,6 +60,9 @@ class EvalConfig:
     """the environment variable holding the agent endpoint's key"""
     agent_max_concurrency: int = 10
     """agent requests in flight at once (the original's MAX_WORKER_NUM)"""
+    agent_probe: bool = True
+    """check before playing that GET {agent_base_url}/models answers and serves --agent_model; false for endpoints
+    that have no /models route"""
     gyms: str = ""
     """comma-separated gyms; empty means every registered gym"""
     split: str = "test"
@@ -349,6 +353,19 @@ def make_agent(cfg: EvalConfig):
     return model.to(device).eval(), tokenizer
 
 
+def probe_endpoints(cfg: EvalConfig, agent, user):
+    """Before the first episode: an HTTP agent or user that cannot be reached, refuses the key or serves another
+    model is one error naming it, not every episode played and failed."""
+    checks = [("--agent_base_url", agent, "--agent_probe false")] if cfg.agent_base_url and cfg.agent_probe else []
+    if cfg.user.backend == "http" and cfg.user.probe:
+        checks.append(("--user.base_url", user, "--user.probe false"))
+    for flag, endpoint, off in checks:
+        try:
+            endpoint.probe()
+        except users.UserError as e:
+            raise ConfigError(f"{flag}: {e.message} ({off} skips this check)") from None
+
+
 def run(cfg: EvalConfig) -> dict:
     import torch
 
@@ -382,14 +399,17 @@ def play_into(cfg: EvalConfig, out: Path, path: Path) -> dict:
     work = [(g, t, p) for p in range(cfg.passes) for g, t in tasks if (g, t.get("id"), p) not in done]
     print(f"{len(work)} episodes to play ({len(done)} already in {path})", flush=True)
     agent, tokenizer = make_agent(cfg) if work else (None, None)
+    user = users.from_config(cfg.user)
+    if work:
+        probe_endpoints(cfg, agent, user)
 
     def append(recs):
         with open(path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in recs))
 
     try:
-        records = kept + play(agent, tokenizer, work, cfg.rollout, user=users.from_config(cfg.user), batch=cfg.batch,
-                              seed=cfg.seed, on_records=append) if work else kept
+        records = kept + play(agent, tokenizer, work, cfg.rollout, user=user, batch=cfg.batch, seed=cfg.seed,
+                              on_records=append) if work else kept
     except KeyboardInterrupt:  # every finished batch is in episodes.jsonl
         sys.exit(f"interrupted; {len(read_records(path))} episodes are in {path}: continue with the same command "
                  f"and --out {out} --resume true")

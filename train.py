@@ -6,7 +6,7 @@ r"""Multi-turn GRPO for user-centric agents: the UserRL recipe (arXiv 2509.19736
     python train.py --config configs/userrl-qwen3-4b.json \
         --user.serve_cmd "vllm serve Qwen/Qwen3-32B --port {port} --tensor-parallel-size 2" --user.serve_gpus 2
                                     # the paper's recipe on one 8-GPU box: its user on 2 GPUs, 6 ranks train
-    python train.py --nproc 2                                           # 2 ranks (gloo) on the CPU
+    python train.py --config configs/demo.json --algo grpo --nproc 2   # the demo's GRPO on 2 ranks (gloo), CPU
     python train.py --resume runs/20261125-120000 --steps 40            # continue a run where it stopped
 
 `--algo` picks what runs: `grpo` (the RL stage, below), `sft` (the cold start, sft.py), or `recipe` (recipe()

@@ -86,13 +86,13 @@ def shape_from_config(config, name: str, source: str) -> Shape:
 
 
 def load_shape(model: str) -> Shape:
-    """The shape of `model` (train.py's --model): "tiny", a local folder, a hub id in the HF cache, or a table entry."""
+    """The shape of `model` (train.py's --model): "tiny" or "tiny-demo", a local folder, a hub id in the HF cache, or
+    a table entry."""
     from transformers import AutoConfig, Qwen3Config
 
-    if model == "tiny":
+    if model in ("tiny", "tiny-demo"):
         import models
-        tok = models.build_tiny_tokenizer()
-        return shape_from_config(models.build_tiny_model(tok).config, model, "models.build_tiny_model")
+        return shape_from_config(models.load_model(model)[0].config, model, "models.load_model")
     if Path(model).is_dir():
         if not (Path(model) / "config.json").is_file():
             raise SystemExit(f"--config: model folder {model} has no config.json")

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import models
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -61,6 +63,10 @@ def test_memory_shape_from_a_local_folder_and_a_clear_error_otherwise(tiny, tmp_
     assert s.root_params == model.model.embed_tokens.weight.numel() + model.model.norm.weight.numel()
     with pytest.raises(SystemExit, match="not in bench/shapes.py's table .known: Qwen3-0.6B"):
         memory.load_shape("nobody/NoSuchModel")
+    # the demo's own model, as the docstring's example plans it
+    demo, _ = models.load_model("tiny-demo")
+    assert memory.load_shape("tiny-demo").params == sum(p.numel() for p in demo.parameters())
+    assert "startup" in memory.main(["--config", str(ROOT / "configs/demo.json"), "--gpus", "1", "--quick"])["peak_gb"]
 
 
 def _errors(tree, path=""):

@@ -132,6 +132,17 @@ def test_a_bad_task_record_is_one_line_naming_file_line_and_field(monkeypatch, t
     assert line == "data error: telepathy test tasks (data/): data/telepathy/test.jsonl line 7: field 'entity': missing"
 
 
+def test_sft_data_that_cannot_be_laid_out_as_turns_stops_before_the_model_loads(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--algo", "sft", "--sft_data", str(bad), "--out_dir", str(tmp_path / "run")])
+    assert str(e.value.code).startswith(f"data error: --sft_data: {bad}, line 1: a conversation must start with a "
+                                        "system and a user message"), e.value.code
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_config_file_holding_an_array(monkeypatch, tmp_path):
     (tmp_path / "c.json").write_text("[1, 2]")
     line = fails_before_work(monkeypatch, tmp_path, "--config", str(tmp_path / "c.json"))

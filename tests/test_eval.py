@@ -108,6 +108,27 @@ def test_resume_plays_only_the_missing_episodes(tmp_path, capsys):
     assert [json.loads(line) for line in path.read_text().splitlines()] and len(path.read_text().splitlines()) == 4
 
 
+def test_an_endpoint_that_cannot_serve_stops_before_any_episode(tmp_path):
+    srv = OpenAIServer(model="fake-agent")
+    srv.close()  # nothing listens on its port any more
+    args = ["--agent_model", "fake-agent", "--gyms", "function", "--tasks", "1", "--agent_base_url"]
+    with pytest.raises(ConfigError, match=f"--agent_base_url: cannot reach {srv.url}/models .* skips this check"):
+        run(*args, srv.url, "--out", str(tmp_path / "closed"))
+    with pytest.raises(ConfigError, match=f"--user.base_url: cannot reach {srv.url}/models .*--user.probe false"):
+        run("--agent", "expert", "--gyms", "telepathy", "--tasks", "1", "--user.backend", "http", "--user.model",
+            "fake-user", "--user.base_url", srv.url, "--out", str(tmp_path / "closed"))
+    srv = OpenAIServer(model="other-model")
+    args.append(srv.url)
+    try:
+        with pytest.raises(ConfigError, match="does not serve 'fake-agent'; it serves \\['other-model'\\]"):
+            run(*args, "--out", str(tmp_path / "other"))
+        assert srv.counts == {}  # no completion was asked for
+        run(*args, "--agent_probe", "false", "--rollout.max_turns", "1", "--out", str(tmp_path / "unchecked"))
+    finally:
+        srv.close()
+    assert not (tmp_path / "closed" / "episodes.jsonl").exists() and len(records(tmp_path / "unchecked")) == 1
+
+
 def test_a_second_eval_on_a_folder_in_use_is_refused(tmp_path):
     """Two eval.py --resume on one --out would both play the episodes it lacks and append them: counted twice."""
     args = ["--agent", "expert", "--gyms", "function", "--tasks", "1", "--out", str(tmp_path)]
@@ -167,7 +188,7 @@ def test_local_model_and_http_agent(tmp_path):
     assert res["per_gym"]["function"]["valid_call_rate"] == 0.0  # the random model calls no tool
     assert all(r["num_tokens"] > 0 and r["end_reason"] == "no_tool_call" for r in recs)
     assert all(r["cut_turns"] == 1 for r in recs)  # 6 tokens end its one turn: SFT would leave these out
-    srv = OpenAIServer(tool_reply={"choice": "search", "content": "test"})
+    srv = OpenAIServer(model="fake-agent", tool_reply={"choice": "search", "content": "test"})
     try:
         res = run("--agent_base_url", srv.url, "--agent_model", "fake-agent", "--gyms", "function", "--tasks", "1",
                   "--rollout.max_turns", "3", "--out", str(tmp_path / "http"))
@@ -179,7 +200,7 @@ def test_local_model_and_http_agent(tmp_path):
     assert records(tmp_path / "http")[0]["cut_turns"] == 0
     # replies max_tokens ended (finish_reason "length") are counted as cut turns; the marker stays out of the
     # conversation sent back and recorded
-    srv = OpenAIServer(tool_reply={"choice": "search", "content": "test"}, finish_reason="length")
+    srv = OpenAIServer(model="fake-agent", tool_reply={"choice": "search", "content": "test"}, finish_reason="length")
     try:
         run("--agent_base_url", srv.url, "--agent_model", "fake-agent", "--gyms", "function", "--tasks", "1",
             "--rollout.max_turns", "2", "--out", str(tmp_path / "cut"))
