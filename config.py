@@ -275,11 +275,17 @@ def check_before_work(cfg, task_pool: dict | None = None, launching: bool = Fals
         except sft.SFTDataError as e:
             raise DataError(f"--sft_data: {e}") from None
     if cfg.user.backend == "http" and cfg.user.probe and not cfg.user.serve_cmd:  # a started server: probed then
-        try:
-            users.from_config(cfg.user).probe()
-        except users.UserError as e:
-            raise ConfigError(f"--user.base_url: {e.message} (--user.probe false skips this check)") from None
+        probe(users.from_config(cfg.user), "--user.base_url", "--user.probe false")
     return tasks
+
+
+def probe(endpoint, flag: str, off: str):
+    """Check an HTTP endpoint before any work (users.HTTPUser.probe: GET /models answers and serves its model);
+    a failure is a ConfigError naming the option that chose it (`flag`) and the one that skips the check (`off`)."""
+    try:
+        endpoint.probe()
+    except users.UserError as e:
+        raise ConfigError(f"{flag}: {e.message} ({off} skips this check)") from None
 
 
 def plan_ranks(cfg, visible: list[str] | None = None) -> distributed.Plan:

@@ -21,9 +21,10 @@ original's analyze.py. An episode whose user or agent endpoint failed is reporte
 the score, never scored 0.
 
 Writes OUT/episodes.jsonl (one line per episode, appended as each batch of episodes ends: the unit --resume
-skips; OUT/eval.lock keeps a second eval.py out of the folder while one plays) and OUT/results.json ({"per_gym": {gym: {score, n, failed, turns, valid_call_rate, pass_at_k}},
-"avg": x, "n": items}), and prints the per-gym table. `valid_call_rate` is the share of the agent's turns that
-held a well-formed call of interact_with_env.
+skips; OUT/eval.lock keeps a second eval.py out of the folder while one plays) and OUT/results.json
+({"per_gym": {gym: {score, n, failed, turns, valid_call_rate, pass_at_k}}, "avg": x, "n": items}), and prints
+the per-gym table. `valid_call_rate` is the share of the agent's turns that held a well-formed call of
+interact_with_env.
 """
 import dataclasses
 import json
@@ -37,7 +38,7 @@ import distributed
 import envs
 import rollout as rollout_lib
 import users
-from config import HELP, ConfigError, apply_args, check_model, help_text
+from config import HELP, ConfigError, apply_args, check_model, help_text, probe
 from rollout import RolloutConfig
 from users import UserConfig
 
@@ -356,14 +357,10 @@ def make_agent(cfg: EvalConfig):
 def probe_endpoints(cfg: EvalConfig, agent, user):
     """Before the first episode: an HTTP agent or user that cannot be reached, refuses the key or serves another
     model is one error naming it, not every episode played and failed."""
-    checks = [("--agent_base_url", agent, "--agent_probe false")] if cfg.agent_base_url and cfg.agent_probe else []
+    if cfg.agent_base_url and cfg.agent_probe:
+        probe(agent, "--agent_base_url", "--agent_probe false")
     if cfg.user.backend == "http" and cfg.user.probe:
-        checks.append(("--user.base_url", user, "--user.probe false"))
-    for flag, endpoint, off in checks:
-        try:
-            endpoint.probe()
-        except users.UserError as e:
-            raise ConfigError(f"{flag}: {e.message} ({off} skips this check)") from None
+        probe(user, "--user.base_url", "--user.probe false")
 
 
 def run(cfg: EvalConfig) -> dict:

@@ -7,7 +7,8 @@ the paper's finding 1: the cold start is what lets RL improve a raw model).
 
 Data: eval.py's episodes.jsonl (any agent: the expert, an API model, a past run; failed episodes and episodes
 with a cut turn are dropped, `--sft_min_score x` keeps episodes scoring at least x), or the original UserRL SFT
-layout (LLaMA-Factory's ShareGPT: `conversations` with from = human / gpt / function_call / observation, plus `system` and `tools`).
+layout (LLaMA-Factory's ShareGPT: `conversations` with from = human / gpt / function_call / observation, plus
+`system` and `tools`).
 
 Tokens: the layout rollout.py builds, from the same functions, so SFT and RL train on identical token sequences:
 the prompt is `rollout.render_ids(system + first user message, tools=[envs.TOOL_SCHEMA])` with the assistant
@@ -85,9 +86,9 @@ def read_sft_data(path: str, min_score: float | None = None) -> list[dict]:
     """Conversations from episodes.jsonl (eval.py's lines) or ShareGPT records (a JSON array or JSON lines), each
     {"messages", "gym", "score", "where"}. Failed episodes are dropped, and so are episodes the budget cut short
     (their last turn is half a turn) and episodes with a turn max_new_tokens cut ("cut_turns": its text would be
-    trained to end with the end-of-turn token mid-sentence); with `min_score`, so are episodes scoring below it. A record without a score,
-    such as ShareGPT's, passes a min_score of 0 or less (no episode scores below 0 in these gyms) and is an error
-    above it: it cannot be filtered."""
+    trained to end with the end-of-turn token mid-sentence); with `min_score`, so are episodes scoring below it. A
+    record without a score, such as ShareGPT's, passes a min_score of 0 or less (no episode scores below 0 in these
+    gyms) and is an error above it: it cannot be filtered."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

@@ -434,13 +434,14 @@ def main(argv=None) -> dict:
 
 
 def errors(tree, path: str = "") -> list:
-    """The dotted places of every "error" in a result: what the exit status reports."""
+    """Every "error" in a result, as "its dotted place: the error": what the exit status reports."""
     if not isinstance(tree, dict):
         return []
-    return [path or "."] * ("error" in tree) + [e for k, v in tree.items() for e in errors(v, f"{path}.{k}")]
+    here = [f"{path or '.'}: {tree['error']}"] if "error" in tree else []
+    return here + [e for k, v in tree.items() for e in errors(v, f"{path}.{k}")]
 
 
 if __name__ == "__main__":
     failed = errors(main())
     if failed:
-        sys.exit(f"gpu_smoke: errors in {', '.join(failed)}")  # exit status 1: a failing part is not a passing check
+        sys.exit("gpu_smoke: errors in " + "; ".join(failed))  # exit status 1: a failing part is not a passing check
